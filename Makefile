@@ -1,0 +1,46 @@
+# Two commands on a fresh machine: `make repro` (set up + run the pipeline), `make test`.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DATASET_DIR := /usr/share/datasets/fashion-mnist
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+
+.PHONY: venv dataset repro test lint format bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+venv: $(STAMP)
+
+# Best effort and never fatal: on Debian/Ubuntu as root, install the dataset package if missing;
+# otherwise prepare falls back to the HTTPS mirrors listed in params.yaml.
+dataset:
+	@if [ ! -e $(DATASET_DIR)/train-images-idx3-ubyte.gz ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing Debian package dataset-fashion-mnist (best effort)"; \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist) >/dev/null 2>&1 \
+			|| echo "dataset-fashion-mnist not installed; prepare will try the mirrors"; \
+	fi
+
+repro: venv dataset
+	dvc repro
+
+test: venv
+	$(PY) -m pytest
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: venv
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+bench: venv dataset
+	$(PY) -m bench.run
+
+clean:
+	rm -rf $(VENV) dvc_plots .pytest_cache .ruff_cache

@@ -1,0 +1,53 @@
+"""Accuracy-per-minute exploration: train variants of a preset on the prepared data, log val/test.
+
+Usage: python -m bench.explore OUT.jsonl '{"epochs": 20, "augment_flip": true}' ...
+Selection is by val accuracy; test accuracy is logged only to report it, never to choose.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from stages.common import PREPARED_DIR, load_split
+from stages.evaluate import predict_proba
+from stages.params import EvaluateParams, TrainParams, load_params
+from stages.train import fit
+
+
+def run_variant(base: TrainParams, overrides: dict, data: dict) -> dict:
+    params = dataclasses.replace(base, **{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        model = fit(params, data["train"], data["val"], Path(tmp) / "h.csv", verbose=0)
+        seconds = time.perf_counter() - start
+        history = (Path(tmp) / "h.csv").read_text()
+    result = {"overrides": overrides, "train_s": round(seconds, 1), "params": model.count_params()}
+    for tta in (False, True):
+        ev = EvaluateParams(tta_flip=tta, batch_size=1024, example_grid=5)
+        for split in ("val", "test"):
+            x, y = data[split]
+            result[f"{split}_acc{'_tta' if tta else ''}"] = float(np.mean(predict_proba(model, x, ev).argmax(1) == y))
+    result["history"] = history
+    return result
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    base = load_params().train
+    data = {split: load_split(PREPARED_DIR, split) for split in ("train", "val", "test")}
+    for spec in sys.argv[2:]:
+        result = run_variant(base, json.loads(spec), data)
+        with out.open("a") as handle:
+            handle.write(json.dumps(result) + "\n")
+        print({k: v for k, v in result.items() if k != "history"}, flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""Things every stage shares, defined once: paths, class names, errors, atomic writes, seeding."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+CLASS_NAMES: tuple[str, ...] = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
+NUM_CLASSES = len(CLASS_NAMES)
+IMAGE_SHAPE = (28, 28)
+
+PREPARED_DIR = Path("data/prepared")
+MODEL_PATH = Path("data/model/model.keras")
+METRICS_PATH = Path("metrics/metrics.json")
+HISTORY_CSV = Path("plots/train_history.csv")
+CONFUSION_CSV = Path("plots/confusion.csv")
+PER_CLASS_CSV = Path("plots/per_class.csv")
+CURVES_PNG = Path("plots/training_curves.png")
+CONFUSION_PNG = Path("plots/confusion_matrix.png")
+PREDICTIONS_PNG = Path("plots/predictions.png")
+
+SPLITS = ("train", "val", "test")
+
+
+class WardrobeError(Exception):
+    """A user-facing problem (bad params, bad data, missing file): reported as one line."""
+
+
+def load_split(prepared_dir: Path, split: str, mmap: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Load one prepared split; `mmap` keeps the big image array on disk until it is read."""
+    x_path, y_path = prepared_dir / f"x_{split}.npy", prepared_dir / f"y_{split}.npy"
+    try:
+        x = np.load(x_path, mmap_mode="r" if mmap else None, allow_pickle=False)
+        y = np.load(y_path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise WardrobeError(f"{x_path.parent}: cannot load split {split!r}: {exc}") from exc
+    if x.shape[1:] != IMAGE_SHAPE or x.dtype != np.float32 or y.shape != (x.shape[0],):
+        raise WardrobeError(
+            f"{x_path}: expected N×28×28 float32 with {x.shape[0]} labels, got {x.shape} {x.dtype} and labels {y.shape}"
+        )
+    return x, y
+
+
+@contextlib.contextmanager
+def atomic_path(target: Path) -> Iterator[Path]:
+    """Yield a temp path beside `target`; on success fsync and rename it over `target`.
+
+    A failure leaves `target` (and any earlier result in it) untouched and removes the temp file.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp" + target.suffix)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    tmp.chmod(0o644)  # mkstemp makes 0600; results are meant to be read by everyone
+    try:
+        yield tmp
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(target: Path, text: str) -> None:
+    with atomic_path(target) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json_atomic(target: Path, data: Any) -> None:
+    write_text_atomic(target, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and TensorFlow, and make TF ops deterministic: same inputs, same bits."""
+    import keras
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(seed)
+    tf.config.experimental.enable_op_determinism()
+
+
+def run_main(body: Callable[[], None]) -> None:
+    """Run a stage body: a WardrobeError becomes one line on stderr and exit status 1.
+
+    Set WARDROBE_DEBUG=1 to see the full traceback instead.
+    """
+    try:
+        body()
+    except WardrobeError as exc:
+        if os.environ.get("WARDROBE_DEBUG"):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,195 @@
+"""evaluate: score the trained model on the held-out test set; write metrics, plot CSVs, pictures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display; must precede pyplot
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+
+from stages.common import (
+    CLASS_NAMES,
+    CONFUSION_CSV,
+    CONFUSION_PNG,
+    CURVES_PNG,
+    HISTORY_CSV,
+    METRICS_PATH,
+    MODEL_PATH,
+    NUM_CLASSES,
+    PER_CLASS_CSV,
+    PREDICTIONS_PNG,
+    PREPARED_DIR,
+    WardrobeError,
+    atomic_path,
+    load_split,
+    run_main,
+    write_json_atomic,
+)
+from stages.params import EvaluateParams, load_params
+
+DIGITS = 6
+
+
+def predict_proba(model, x: np.ndarray, params: EvaluateParams) -> np.ndarray:
+    """Class probabilities; with tta_flip, the mean over each image and its left-right mirror."""
+    probs = model.predict(x, batch_size=params.batch_size, verbose=0)
+    if params.tta_flip:
+        probs = (probs + model.predict(x[:, :, ::-1], batch_size=params.batch_size, verbose=0)) / 2
+    return probs
+
+
+def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
+    """Rows: actual class, columns: predicted class."""
+    pairs = y_true.astype(np.int64) * NUM_CLASSES + y_pred.astype(np.int64)
+    return np.bincount(pairs, minlength=NUM_CLASSES**2).reshape(NUM_CLASSES, NUM_CLASSES)
+
+
+def per_class_scores(cm: np.ndarray) -> pd.DataFrame:
+    """Precision, recall, F1 and support per class; 0 where a class is never predicted/present."""
+    true_pos = np.diag(cm).astype(np.float64)
+    predicted, support = cm.sum(axis=0), cm.sum(axis=1)
+    precision = np.divide(true_pos, predicted, out=np.zeros_like(true_pos), where=predicted > 0)
+    recall = np.divide(true_pos, support, out=np.zeros_like(true_pos), where=support > 0)
+    denom = precision + recall
+    f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(true_pos), where=denom > 0)
+    return pd.DataFrame({"class": CLASS_NAMES, "precision": precision, "recall": recall, "f1": f1, "support": support})
+
+
+def cross_entropy(probs: np.ndarray, y_true: np.ndarray) -> float:
+    """Mean sparse categorical cross-entropy, clipped like Keras' (epsilon 1e-7)."""
+    picked = np.clip(probs[np.arange(len(y_true)), y_true], 1e-7, 1.0)
+    return float(-np.mean(np.log(picked)))
+
+
+def compute_metrics(test_probs: np.ndarray, y_test: np.ndarray, val_probs: np.ndarray, y_val: np.ndarray) -> dict:
+    """The metrics.json document: headline numbers first, then per-class scores by class name."""
+    y_pred = test_probs.argmax(axis=1)
+    scores = per_class_scores(confusion_matrix(y_test, y_pred))
+    per_class = {
+        row["class"]: {key: round(float(row[key]), DIGITS) for key in ("precision", "recall", "f1")}
+        for _, row in scores.iterrows()
+    }
+    return {
+        "accuracy": round(float(np.mean(y_pred == y_test)), DIGITS),
+        "loss": round(cross_entropy(test_probs, y_test), DIGITS),
+        "macro_f1": round(float(scores["f1"].mean()), DIGITS),
+        "val_accuracy": round(float(np.mean(val_probs.argmax(axis=1) == y_val)), DIGITS),
+        "per_class": per_class,
+    }
+
+
+def confusion_rows(y_true: np.ndarray, y_pred: np.ndarray) -> pd.DataFrame:
+    """One row per test image, class names, for DVC's `confusion` template."""
+    names = np.array(CLASS_NAMES)
+    return pd.DataFrame({"actual": names[y_true], "predicted": names[y_pred]})
+
+
+def write_csv(frame: pd.DataFrame, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False, float_format=f"%.{DIGITS}f")
+
+
+def _save_figure(fig: plt.Figure, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+
+
+def plot_training_curves(history: pd.DataFrame, path: Path) -> None:
+    """Accuracy and loss, train vs val, per epoch: the original script's two panels."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, metric in zip(axes, ("accuracy", "loss"), strict=True):
+        ax.plot(history["epoch"], history[metric], marker="o", label=f"train {metric}")
+        ax.plot(history["epoch"], history[f"val_{metric}"], marker="o", label=f"val {metric}")
+        ax.set(xlabel="epoch", ylabel=metric, title=f"Training and validation {metric}")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    _save_figure(fig, path)
+
+
+def plot_confusion_matrix(cm: np.ndarray, path: Path) -> None:
+    """Row-normalized (recall per class) heatmap with the share printed in each cell."""
+    shares = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(8, 7))
+    image = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(NUM_CLASSES), CLASS_NAMES, rotation=45, ha="right")
+    ax.set_yticks(range(NUM_CLASSES), CLASS_NAMES)
+    ax.set(xlabel="predicted", ylabel="actual", title="Confusion matrix (share of each actual class)")
+    for i in range(NUM_CLASSES):
+        for j in range(NUM_CLASSES):
+            ax.text(
+                j,
+                i,
+                f"{shares[i, j]:.2f}",
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if shares[i, j] > 0.5 else "black",
+            )
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    _save_figure(fig, path)
+
+
+def plot_predictions(x: np.ndarray, y_true: np.ndarray, y_pred: np.ndarray, grid: int, path: Path) -> None:
+    """The first grid×grid test images with predicted (true) labels; mistakes in red."""
+    count = min(grid * grid, len(x))
+    fig, axes = plt.subplots(grid, grid, figsize=(1.6 * grid, 1.8 * grid), squeeze=False)
+    for k, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if k >= count:
+            continue
+        ax.imshow(x[k], cmap="gray_r", vmin=0, vmax=1)
+        correct = y_pred[k] == y_true[k]
+        ax.set_title(
+            f"{CLASS_NAMES[y_pred[k]]}\n({CLASS_NAMES[y_true[k]]})",
+            fontsize=7,
+            color="tab:blue" if correct else "tab:red",
+        )
+    fig.tight_layout()
+    _save_figure(fig, path)
+
+
+def load_model(path: Path):
+    """Load a saved Keras model safely (no arbitrary code from the file)."""
+    import keras
+
+    if not path.is_file():
+        raise WardrobeError(f"{path}: model file not found; run the train stage first")
+    try:
+        return keras.models.load_model(path, safe_mode=True)
+    except Exception as exc:  # Keras raises many types for a corrupt archive
+        raise WardrobeError(f"{path}: cannot load model: {' '.join(str(exc).split())[:200]}") from exc
+
+
+def main() -> None:
+    params = load_params().evaluate
+    model = load_model(MODEL_PATH)
+    x_test, y_test = load_split(PREPARED_DIR, "test")
+    x_val, y_val = load_split(PREPARED_DIR, "val")
+    test_probs = predict_proba(model, x_test, params)
+    val_probs = predict_proba(model, x_val, params)
+    y_pred = test_probs.argmax(axis=1)
+    try:
+        history = pd.read_csv(HISTORY_CSV)
+    except (OSError, pd.errors.ParserError) as exc:
+        raise WardrobeError(f"{HISTORY_CSV}: cannot read training history: {exc}") from exc
+
+    metrics = compute_metrics(test_probs, y_test, val_probs, y_val)
+    cm = confusion_matrix(y_test, y_pred)
+    write_csv(confusion_rows(y_test, y_pred), CONFUSION_CSV)
+    write_csv(per_class_scores(cm), PER_CLASS_CSV)
+    plot_training_curves(history, CURVES_PNG)
+    plot_confusion_matrix(cm, CONFUSION_PNG)
+    plot_predictions(x_test, y_test, y_pred, params.example_grid, PREDICTIONS_PNG)
+    write_json_atomic(METRICS_PATH, metrics)  # last: its presence means the rest is complete
+    print(f"evaluate: test accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}")
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,196 @@
+"""prepare: fetch the four Fashion-MNIST IDX files, verify them, normalize, split, save `.npy`.
+
+Each file comes from the first source in `prepare.sources` whose decompressed bytes match the
+pinned SHA-256, so a recompressed local copy (Debian's package) and the upstream mirrors agree.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sys
+import tempfile
+import urllib.error
+import urllib.parse
+import urllib.request
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from stages.common import PREPARED_DIR, WardrobeError, run_main
+from stages.params import PrepareParams, load_params
+
+IDX_DTYPE_UBYTE = 0x08
+# The largest file (train images) is 47 MB decompressed; anything far bigger is not ours.
+MAX_DECOMPRESSED_BYTES = 128 * 2**20
+LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
+
+
+def parse_idx(data: bytes, name: str) -> np.ndarray:
+    """Parse an IDX file of unsigned bytes (magic 0x0000 08 NDIM, big-endian int32 dims)."""
+    if len(data) < 4:
+        raise WardrobeError(f"{name}: too short for an IDX header ({len(data)} bytes)")
+    zero, dtype, ndim = int.from_bytes(data[:2], "big"), data[2], data[3]
+    if zero != 0 or dtype != IDX_DTYPE_UBYTE or ndim not in (1, 3):
+        raise WardrobeError(f"{name}: wrong IDX magic number 0x{data[:4].hex()} (want 0x00000801 or 0x00000803)")
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise WardrobeError(f"{name}: truncated IDX header")
+    dims = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
+    expected = header + int(np.prod(dims))
+    if len(data) != expected:
+        raise WardrobeError(f"{name}: {len(data)} bytes but dimensions {dims} need {expected} (truncated or padded)")
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def check_pair(images: np.ndarray, labels: np.ndarray, name: str) -> None:
+    """Images must be N×28×28, labels N values in 0..9."""
+    if images.ndim != 3 or images.shape[1:] != (28, 28):
+        raise WardrobeError(f"{name}: images must be N×28×28, got {images.shape}")
+    if labels.ndim != 1:
+        raise WardrobeError(f"{name}: labels must be one-dimensional, got {labels.shape}")
+    if len(images) != len(labels):
+        raise WardrobeError(f"{name}: {len(images)} images but {len(labels)} labels")
+    if labels.size and labels.max() > 9:
+        raise WardrobeError(f"{name}: label {int(labels.max())} outside 0..9")
+
+
+def normalize(images: np.ndarray) -> np.ndarray:
+    """uint8 0..255 -> float32 0..1, the scaling the original script used (pixels / 255.0)."""
+    return images.astype(np.float32) / np.float32(255.0)
+
+
+def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split indices so each class keeps its share in validation; sorted, deterministic in `seed`."""
+    rng = np.random.default_rng(seed)
+    val_parts = []
+    for cls in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == cls))
+        val_parts.append(members[: round(len(members) * val_fraction)])
+    val_idx = np.sort(np.concatenate(val_parts)) if val_parts else np.array([], dtype=np.int64)
+    train_mask = np.ones(len(labels), dtype=bool)
+    train_mask[val_idx] = False
+    return np.flatnonzero(train_mask), val_idx
+
+
+def decompress(raw: bytes) -> bytes:
+    """Gunzip with a cap on the output, so a corrupt or hostile file cannot exhaust memory."""
+    if raw[:2] != b"\x1f\x8b":
+        raise WardrobeError("not a gzip file")
+    inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+    try:
+        out = inflater.decompress(raw, MAX_DECOMPRESSED_BYTES + 1)
+    except zlib.error as exc:
+        raise WardrobeError(f"corrupt gzip data ({exc})") from exc
+    if len(out) > MAX_DECOMPRESSED_BYTES:
+        raise WardrobeError(f"decompresses to more than {MAX_DECOMPRESSED_BYTES} bytes")
+    if not inflater.eof:
+        raise WardrobeError("truncated gzip file")
+    return out
+
+
+def download(url: str, timeout_s: float, max_bytes: int) -> bytes:
+    """HTTPS GET with a timeout per read, a size cap and progress on stderr."""
+    parsed = urllib.parse.urlparse(url)
+    if parsed.scheme != "https" and not (parsed.scheme == "http" and parsed.hostname in LOOPBACK_HOSTS):
+        raise WardrobeError("only https:// URLs are allowed (http:// only on loopback)")
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+            total = int(response.headers.get("Content-Length") or 0)
+            if total > max_bytes:
+                raise WardrobeError(f"server announces {total} bytes, over the {max_bytes}-byte cap")
+            chunks, received, shown = [], 0, -1
+            while chunk := response.read(1 << 16):
+                received += len(chunk)
+                if received > max_bytes:
+                    raise WardrobeError(f"download exceeds the {max_bytes}-byte cap")
+                chunks.append(chunk)
+                if total and (pct := 100 * received // total) // 10 != shown:
+                    shown = pct // 10
+                    print(f"  {Path(parsed.path).name}: {pct}%", file=sys.stderr)
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise WardrobeError(f"download failed: {reason}") from exc
+    return b"".join(chunks)
+
+
+def read_from_source(source: str, name: str, timeout_s: float, max_bytes: int) -> bytes:
+    """Return the decompressed IDX bytes of `name` from a local directory or a mirror URL."""
+    if "://" in source:
+        return decompress(download(f"{source.rstrip('/')}/{name}.gz", timeout_s, max_bytes))
+    directory = Path(source)
+    if not directory.is_dir():
+        raise WardrobeError("no such directory")
+    for candidate, unpack in ((directory / f"{name}.gz", decompress), (directory / name, bytes)):
+        if candidate.exists():
+            try:
+                return unpack(candidate.read_bytes())
+            except OSError as exc:
+                raise WardrobeError(f"{candidate}: {exc.strerror}") from exc
+    raise WardrobeError(f"neither {name}.gz nor {name} is there")
+
+
+def fetch_verified(name: str, params: PrepareParams) -> bytes:
+    """Try each source in order; the first whose bytes hash to the pinned SHA-256 wins."""
+    failures = []
+    max_bytes = int(params.max_download_mb * 2**20)
+    for source in params.sources:
+        try:
+            data = read_from_source(source, name, params.download_timeout_s, max_bytes)
+        except WardrobeError as exc:
+            failures.append(f"{source}: {exc}")
+            continue
+        digest = hashlib.sha256(data).hexdigest()
+        if digest == params.sha256[name]:
+            return data
+        failures.append(f"{source}: SHA-256 mismatch (got {digest[:12]}…)")
+    raise WardrobeError(f"{name}: no source worked; tried " + "; ".join(failures))
+
+
+def load_dataset(params: PrepareParams) -> dict[str, np.ndarray]:
+    """Fetch, verify, parse and split: returns x_/y_ arrays for train, val and test."""
+    arrays = {}
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        images_name, labels_name = f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"
+        images = parse_idx(fetch_verified(images_name, params), images_name)
+        labels = parse_idx(fetch_verified(labels_name, params), labels_name)
+        check_pair(images, labels, f"{prefix} set")
+        arrays[f"x_{split}"], arrays[f"y_{split}"] = normalize(images), labels.astype(np.uint8)
+    train_idx, val_idx = stratified_split(arrays["y_train"], params.val_fraction, params.seed)
+    x_all, y_all = arrays.pop("x_train"), arrays.pop("y_train")
+    arrays["x_val"], arrays["y_val"] = x_all[val_idx], y_all[val_idx]
+    arrays["x_train"], arrays["y_train"] = x_all[train_idx], y_all[train_idx]
+    return arrays
+
+
+def save_arrays(arrays: dict[str, np.ndarray], out_dir: Path) -> None:
+    """Write all arrays into a temp dir beside `out_dir`, then swap it in: never half a dataset."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+    try:
+        for name, array in arrays.items():
+            with open(staging / f"{name}.npy", "wb") as handle:
+                np.save(handle, array, allow_pickle=False)
+                os.fsync(handle.fileno())
+        old = out_dir.with_name(f".{out_dir.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        if out_dir.exists():
+            out_dir.rename(old)
+        staging.rename(out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def main() -> None:
+    params = load_params().prepare
+    arrays = load_dataset(params)
+    save_arrays(arrays, PREPARED_DIR)
+    sizes = ", ".join(f"{split} {len(arrays[f'y_{split}'])}" for split in ("train", "val", "test"))
+    print(f"prepare: wrote {PREPARED_DIR}/ ({sizes})")
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,130 @@
+"""train: fit the model selected by `train.*` on the prepared split and save it (Keras format)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from stages.common import (
+    HISTORY_CSV,
+    MODEL_PATH,
+    NUM_CLASSES,
+    PREPARED_DIR,
+    WardrobeError,
+    atomic_path,
+    load_split,
+    run_main,
+    seed_everything,
+)
+from stages.model import build_model
+from stages.params import TrainParams, load_params
+
+
+class EpochFromOneCSVLogger(keras.callbacks.CSVLogger):
+    """Keras' CSVLogger, numbering epochs from 1 as people (and the plots' x axis) do."""
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        super().on_epoch_end(epoch + 1, logs)
+
+
+def make_dataset(
+    x: np.ndarray, y: np.ndarray, batch_size: int, shuffle_seed: int | None, one_hot: bool
+) -> tf.data.Dataset:
+    """Batches of (images, labels); shuffles index batches, so the images are copied once, into TF.
+
+    Shuffling indices and gathering a batch at a time keeps the shuffle buffer tiny (one int
+    per image) instead of a second copy of the 170 MB training array.
+    """
+    images, labels = tf.constant(x), tf.constant(y)
+    indices = tf.data.Dataset.range(len(x))
+    if shuffle_seed is not None:
+        indices = indices.shuffle(len(x), seed=shuffle_seed, reshuffle_each_iteration=True)
+
+    def gather(idx: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        batch_labels = tf.gather(labels, idx)
+        if one_hot:
+            batch_labels = tf.one_hot(batch_labels, NUM_CLASSES)
+        return tf.gather(images, idx), batch_labels
+
+    # A plain map: op determinism makes a parallel map sequential anyway (and TF logs an error).
+    return indices.batch(batch_size).map(gather).prefetch(tf.data.AUTOTUNE)
+
+
+def learning_rate(params: TrainParams, steps_per_epoch: int) -> float | keras.optimizers.schedules.LearningRateSchedule:
+    if params.lr_schedule == "constant":
+        return params.learning_rate
+    total = params.epochs * steps_per_epoch
+    warmup = min(int(params.warmup_epochs * steps_per_epoch), total - 1)
+    if warmup == 0:
+        return keras.optimizers.schedules.CosineDecay(params.learning_rate, decay_steps=total)
+    return keras.optimizers.schedules.CosineDecay(
+        0.0, decay_steps=total - warmup, warmup_target=params.learning_rate, warmup_steps=warmup
+    )
+
+
+def compile_model(model: keras.Model, params: TrainParams, steps_per_epoch: int) -> None:
+    lr = learning_rate(params, steps_per_epoch)
+    if params.optimizer == "adamw":
+        optimizer = keras.optimizers.AdamW(lr, weight_decay=params.weight_decay)
+    else:
+        optimizer = keras.optimizers.Adam(lr)
+    # Keras' sparse loss has no label smoothing; the dense one needs one-hot labels (make_dataset).
+    if params.label_smoothing:
+        loss = keras.losses.CategoricalCrossentropy(label_smoothing=params.label_smoothing)
+    else:
+        loss = keras.losses.SparseCategoricalCrossentropy()
+    model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"])
+
+
+def fit(
+    params: TrainParams,
+    train: tuple[np.ndarray, np.ndarray],
+    val: tuple[np.ndarray, np.ndarray],
+    history_csv: Path,
+    verbose: int | str = "auto",
+) -> keras.Model:
+    """Train and return the model; raises WardrobeError if the loss diverges (no model is kept)."""
+    seed_everything(params.seed)
+    one_hot = params.label_smoothing > 0
+    train_ds = make_dataset(*train, params.batch_size, shuffle_seed=params.seed, one_hot=one_hot)
+    val_ds = make_dataset(*val, params.batch_size, shuffle_seed=None, one_hot=one_hot)
+    model = build_model(params)
+    compile_model(model, params, steps_per_epoch=math.ceil(len(train[0]) / params.batch_size))
+    callbacks = [EpochFromOneCSVLogger(str(history_csv)), keras.callbacks.TerminateOnNaN()]
+    if params.early_stopping_patience:
+        callbacks.append(
+            keras.callbacks.EarlyStopping(
+                monitor="val_accuracy", patience=params.early_stopping_patience, restore_best_weights=True
+            )
+        )
+    # shuffle=False: the dataset shuffles itself (seeded); Keras can't shuffle a tf.data input.
+    history = model.fit(
+        train_ds, validation_data=val_ds, epochs=params.epochs, callbacks=callbacks, verbose=verbose, shuffle=False
+    )
+    losses = history.history.get("loss", [])
+    if not losses or not np.all(np.isfinite(losses)):
+        raise WardrobeError(
+            f"train: loss became {losses[-1] if losses else 'undefined'} at epoch {len(losses)}; "
+            f"lower train.learning_rate (now {params.learning_rate}); no model was written"
+        )
+    return model
+
+
+def main() -> None:
+    params = load_params().train
+    train = load_split(PREPARED_DIR, "train")
+    val = load_split(PREPARED_DIR, "val")
+    MODEL_PATH.parent.mkdir(parents=True, exist_ok=True)
+    # Both outputs are written to temp files and renamed only after a successful fit.
+    with atomic_path(HISTORY_CSV) as history_tmp, atomic_path(MODEL_PATH) as model_tmp:
+        model = fit(params, train, val, history_tmp, verbose=2)
+        model.save(model_tmp)
+    print(f"train: wrote {MODEL_PATH} and {HISTORY_CSV}")
+
+
+if __name__ == "__main__":
+    run_main(main)

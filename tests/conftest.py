@@ -1,0 +1,74 @@
+"""Tiny synthetic Fashion-MNIST stand-ins, written as real gzipped IDX files: tests never download."""
+
+from __future__ import annotations
+
+import copy
+import gzip
+import hashlib
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+TRAIN_PER_CLASS = 12
+TEST_PER_CLASS = 4
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    """Serialize a uint8 array as IDX: magic 0x0000 08 NDIM, big-endian dims, raw bytes."""
+    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    return header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+
+
+def synthetic_images(per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Noisy copies of one random template per class: learnable, but not perfectly in one epoch."""
+    templates = np.random.default_rng(0).integers(0, 256, size=(10, 28, 28))
+    rng = np.random.default_rng(seed)
+    labels = np.tile(np.arange(10, dtype=np.uint8), per_class)
+    noise = rng.normal(0, 110, size=(len(labels), 28, 28))
+    images = np.clip(templates[labels] + noise, 0, 255).astype(np.uint8)
+    return images, labels
+
+
+def write_idx_dir(directory: Path) -> dict[str, str]:
+    """Write the four .gz files; return their decompressed SHA-256 (the params `sha256` map)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    x_train, y_train = synthetic_images(TRAIN_PER_CLASS, seed=1)
+    x_test, y_test = synthetic_images(TEST_PER_CLASS, seed=2)
+    hashes = {}
+    for name, array in (
+        ("train-images-idx3-ubyte", x_train),
+        ("train-labels-idx1-ubyte", y_train),
+        ("t10k-images-idx3-ubyte", x_test),
+        ("t10k-labels-idx1-ubyte", y_test),
+    ):
+        raw = idx_bytes(array)
+        (directory / f"{name}.gz").write_bytes(gzip.compress(raw, mtime=0))
+        hashes[name] = hashlib.sha256(raw).hexdigest()
+    return hashes
+
+
+@pytest.fixture(scope="session")
+def idx_source(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    directory = tmp_path_factory.mktemp("idx")
+    return directory, write_idx_dir(directory)
+
+
+def tiny_params(source: Path, hashes: dict[str, str]) -> dict:
+    """The project's params.yaml, pointed at the synthetic source and shrunk to seconds."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["prepare"]["sources"] = [str(source)]
+    params["prepare"]["sha256"] = dict(hashes)
+    params["prepare"]["val_fraction"] = 0.25
+    params["train"] = {"preset": "mlp", "epochs": 1, "batch_size": 16}
+    params["evaluate"]["batch_size"] = 64
+    params["evaluate"]["example_grid"] = 3
+    return params
+
+
+@pytest.fixture
+def params_dict(idx_source: tuple[Path, dict[str, str]]) -> dict:
+    return copy.deepcopy(tiny_params(*idx_source))

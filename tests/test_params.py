@@ -1,0 +1,102 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stages.common import WardrobeError
+from stages.params import load_params, parse_params
+
+
+def test_repo_params_load() -> None:
+    params = load_params(Path(__file__).resolve().parent.parent / "params.yaml")
+    assert params.prepare.val_fraction == 0.1
+    assert params.prepare.sources[0] == "/usr/share/datasets/fashion-mnist"
+    assert params.train.arch in ("mlp", "cnn")
+
+
+def test_preset_and_override(params_dict: dict) -> None:
+    params = parse_params(params_dict)
+    assert params.preset == "mlp"
+    assert params.train.epochs == 1 and params.train.batch_size == 16  # overridden
+    assert params.train.dense_units == 128 and params.train.dropout == 0.2  # from the preset
+
+
+def test_int_accepted_for_float(params_dict: dict) -> None:
+    params_dict["train"]["learning_rate"] = 1
+    assert parse_params(params_dict).train.learning_rate == 1.0
+
+
+def _set(d: dict, dotted: str, value: object) -> None:
+    *parents, last = dotted.split(".")
+    for key in parents:
+        d = d[key]
+    d[last] = value
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("train.epochz", 3, r"train\.epochz: unknown key"),
+        ("prepare.colour", "red", r"prepare\.colour: unknown key"),
+        ("evaluate.tta", True, r"evaluate\.tta: unknown key"),
+        ("extra", {}, r"extra: unknown key"),
+        ("presets.mlp.epochz", 1, r"presets\.mlp\.epochz: unknown key"),
+        ("train.epochs", "5", r"train\.epochs: expected int, got str"),
+        ("train.epochs", True, r"train\.epochs: expected int, got bool"),
+        ("train.epochs", 2.5, r"train\.epochs: expected int, got float"),
+        ("train.augment_flip", 1, r"train\.augment_flip: expected bool, got int"),
+        ("train.epochs", 0, r"train\.epochs: must be > 0, got 0"),
+        ("train.learning_rate", -0.1, r"train\.learning_rate: must be > 0"),
+        ("train.dropout", 1.0, r"train\.dropout: must be in \[0, 1\)"),
+        ("train.arch", "resnet", r"train\.arch: 'resnet' is not one of \['mlp', 'cnn'\]"),
+        ("train.optimizer", "sgd", r"train\.optimizer: 'sgd' is not one of"),
+        ("train.preset", "huge", r"train\.preset: 'huge' is not one of \['cnn', 'mlp'"),
+        ("train.filters", [32, 0], r"train\.filters: must be positive ints"),
+        ("train.filters", 32, r"train\.filters: expected a list"),
+        ("prepare.val_fraction", 1.0, r"prepare\.val_fraction: must be in \(0, 1\)"),
+        ("prepare.val_fraction", 0, r"prepare\.val_fraction: must be in \(0, 1\)"),
+        ("prepare.sources", [], r"prepare\.sources: must not be empty"),
+        ("prepare.sha256", {"x": "y"}, r"prepare\.sha256: must map exactly"),
+        ("evaluate.example_grid", 11, r"evaluate\.example_grid: must be in 1\.\.10"),
+        ("evaluate", None, r"evaluate: expected a mapping"),
+    ],
+)
+def test_invalid_params_name_the_key(params_dict: dict, key: str, value: object, message: str) -> None:
+    _set(params_dict, key, value)
+    with pytest.raises(WardrobeError, match=message):
+        parse_params(params_dict)
+
+
+@pytest.mark.parametrize("section", ["prepare", "train", "evaluate", "presets"])
+def test_missing_section(params_dict: dict, section: str) -> None:
+    del params_dict[section]
+    with pytest.raises(WardrobeError, match=rf"^{section}: missing key"):
+        parse_params(params_dict)
+
+
+def test_missing_key_in_section(params_dict: dict) -> None:
+    del params_dict["prepare"]["seed"]
+    with pytest.raises(WardrobeError, match=r"prepare\.seed: missing key"):
+        parse_params(params_dict)
+
+
+def test_malformed_yaml(tmp_path: Path) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text("train: [unclosed\n")
+    with pytest.raises(WardrobeError, match=rf"{path}: malformed YAML"):
+        load_params(path)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(WardrobeError, match=r"nope\.yaml: cannot read params file"):
+        load_params(tmp_path / "nope.yaml")
+
+
+def test_load_names_file(tmp_path: Path, params_dict: dict) -> None:
+    params_dict["train"]["epochs"] = -1
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params_dict))
+    with pytest.raises(WardrobeError, match=rf"^{path}: train\.epochs: must be > 0"):
+        load_params(path)

@@ -1,0 +1,136 @@
+"""The real `dvc` and `git` on a temp copy of the project with tiny synthetic data.
+
+One module-scoped repo walks through the caching contract in order; each step asserts which
+stages `dvc repro` ran, so a missing or spurious dependency in dvc.yaml fails here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO, tiny_params
+
+BIN = Path(sys.executable).parent
+ALL_STAGES = ["prepare", "train", "evaluate"]
+
+
+def sh(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@example.com",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@example.com",
+        "DVC_NO_ANALYTICS": "1",
+    }
+    result = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def repro(repo: Path) -> list[str]:
+    """Run `dvc repro`; return the stages it actually ran, in order."""
+    out = sh(repo, "dvc", "repro").stdout
+    return re.findall(r"Running stage '([^']+)'", out)
+
+
+def write_params(repo: Path, params: dict) -> None:
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory, idx_source: tuple[Path, dict[str, str]]) -> tuple[Path, dict]:
+    repo = tmp_path_factory.mktemp("project")
+    shutil.copytree(REPO / "stages", repo / "stages", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "dvc.yaml", repo / "dvc.yaml")
+    shutil.copytree(REPO / ".dvc", repo / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache", "config.local"))
+    params = tiny_params(*idx_source)
+    write_params(repo, params)
+    sh(repo, "git", "init", "-q")
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-qm", "project")
+    return repo, params
+
+
+def test_first_repro_runs_all_and_writes_every_output(project: tuple[Path, dict]) -> None:
+    repo, _ = project
+    assert repro(repo) == ALL_STAGES
+    declared = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
+    for stage in declared.values():
+        for entry in stage.get("outs", []) + stage.get("metrics", []):
+            path = entry if isinstance(entry, str) else next(iter(entry))
+            assert (repo / path).exists(), path
+    assert (repo / "dvc.lock").exists()
+
+
+def test_second_repro_runs_nothing(project: tuple[Path, dict]) -> None:
+    repo, _ = project
+    assert repro(repo) == []
+    assert sh(repo, "dvc", "status", "--json").stdout.strip() == "{}"
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "expected"),
+    [
+        ("evaluate", "example_grid", 2, ["evaluate"]),
+        ("train", "batch_size", 8, ["train", "evaluate"]),
+        ("prepare", "seed", 7, ALL_STAGES),
+    ],
+)
+def test_param_change_reruns_its_stage_and_downstream(
+    project: tuple[Path, dict], section: str, key: str, value: int, expected: list[str]
+) -> None:
+    repo, params = project
+    params[section][key] = value
+    write_params(repo, params)
+    assert repro(repo) == expected
+
+
+def test_code_edit_reruns_only_its_stage(project: tuple[Path, dict]) -> None:
+    repo, _ = project
+    with (repo / "stages/evaluate.py").open("a") as handle:
+        handle.write("\n# an edit\n")
+    assert repro(repo) == ["evaluate"]
+
+
+def test_mistyped_param_reruns_and_fails_naming_the_key(project: tuple[Path, dict]) -> None:
+    repo, params = project
+    bad = {**params, "train": {**params["train"], "epochz": 3}}
+    write_params(repo, bad)
+    result = sh(repo, "dvc", "repro", check=False)
+    assert result.returncode != 0
+    assert "train.epochz: unknown key" in result.stderr + result.stdout
+    write_params(repo, params)
+
+
+def test_metrics_diff_reports_accuracy_change(project: tuple[Path, dict]) -> None:
+    repo, params = project
+    # DVC removed train's outputs before the failed run; the lock still describes the good ones.
+    assert repro(repo) == ["train", "evaluate"]
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-qm", "one epoch")
+    before = json.loads((repo / "metrics/metrics.json").read_text())["accuracy"]
+    params["train"]["epochs"] = 6
+    write_params(repo, params)
+    assert repro(repo) == ["train", "evaluate"]
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-qm", "six epochs")
+    after = json.loads((repo / "metrics/metrics.json").read_text())["accuracy"]
+    assert after != before
+    diff = json.loads(sh(repo, "dvc", "metrics", "diff", "HEAD~1", "--json").stdout)
+    change = diff["metrics/metrics.json"]["accuracy"]
+    assert change["old"] == before and change["new"] == after
+    assert change["diff"] == pytest.approx(after - before, abs=1e-6)
+    params_diff = sh(repo, "dvc", "params", "diff", "HEAD~1").stdout
+    assert "train.epochs" in params_diff and "6" in params_diff

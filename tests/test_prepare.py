@@ -1,0 +1,173 @@
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from stages.common import WardrobeError, load_split
+from stages.params import parse_params
+from stages.prepare import (
+    check_pair,
+    decompress,
+    download,
+    fetch_verified,
+    normalize,
+    parse_idx,
+    stratified_split,
+)
+from tests.conftest import REPO, TEST_PER_CLASS, TRAIN_PER_CLASS, idx_bytes
+
+
+def test_parse_idx_images_and_labels() -> None:
+    images = np.arange(2 * 28 * 28, dtype=np.uint8).reshape(2, 28, 28)
+    parsed = parse_idx(idx_bytes(images), "imgs")
+    assert parsed.shape == (2, 28, 28) and parsed.dtype == np.uint8
+    np.testing.assert_array_equal(parsed, images)
+    labels = parse_idx(idx_bytes(np.array([3, 9], dtype=np.uint8)), "labels")
+    assert labels.tolist() == [3, 9]
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"", r"too short for an IDX header"),
+        (b"\x00\x00\x09\x03" + bytes(12), r"wrong IDX magic number 0x00000903"),
+        (b"\x00\x00\x08\x02" + bytes(8), r"wrong IDX magic number 0x00000802"),
+        (b"\x00\x00\x08\x03\x00\x00", r"truncated IDX header"),
+        (idx_bytes(np.zeros((2, 28, 28), np.uint8))[:-5], r"1579 bytes but dimensions \(2, 28, 28\) need 1584"),
+        (idx_bytes(np.zeros(4, np.uint8)) + b"\x00", r"13 bytes but dimensions \(4,\) need 12"),
+    ],
+)
+def test_parse_idx_rejects(data: bytes, message: str) -> None:
+    with pytest.raises(WardrobeError, match=rf"^f\.idx: {message}"):
+        parse_idx(data, "f.idx")
+
+
+@pytest.mark.parametrize(
+    ("images", "labels", "message"),
+    [
+        (np.zeros((3, 28, 28)), np.zeros(2), r"3 images but 2 labels"),
+        (np.zeros((2, 28, 27)), np.zeros(2), r"images must be N×28×28"),
+        (np.zeros((2, 28, 28)), np.array([1, 10]), r"label 10 outside 0\.\.9"),
+    ],
+)
+def test_check_pair(images: np.ndarray, labels: np.ndarray, message: str) -> None:
+    with pytest.raises(WardrobeError, match=message):
+        check_pair(images, labels, "train set")
+
+
+def test_normalize() -> None:
+    out = normalize(np.array([[0, 51, 255]], dtype=np.uint8))
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out, [[0.0, 0.2, 1.0]])
+
+
+def test_stratified_split_keeps_class_shares_and_is_deterministic() -> None:
+    labels = np.repeat(np.arange(10), [100, 50, 20, 10, 100, 100, 100, 100, 100, 200])
+    train_idx, val_idx = stratified_split(labels, 0.1, seed=7)
+    assert len(np.intersect1d(train_idx, val_idx)) == 0
+    assert len(train_idx) + len(val_idx) == len(labels)
+    assert np.bincount(labels[val_idx]).tolist() == [10, 5, 2, 1, 10, 10, 10, 10, 10, 20]
+    again_train, again_val = stratified_split(labels, 0.1, seed=7)
+    np.testing.assert_array_equal(val_idx, again_val)
+    np.testing.assert_array_equal(train_idx, again_train)
+    _, other_val = stratified_split(labels, 0.1, seed=8)
+    assert not np.array_equal(val_idx, other_val)
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (b"plain text", r"not a gzip file"),
+        (gzip.compress(b"x" * 1000)[:-12], r"truncated gzip file"),
+        (b"\x1f\x8b" + b"\xff" * 20, r"corrupt gzip data"),
+    ],
+)
+def test_decompress_rejects(raw: bytes, message: str) -> None:
+    with pytest.raises(WardrobeError, match=message):
+        decompress(raw)
+
+
+@pytest.mark.parametrize("url", ["http://example.com/x.gz", "ftp://example.com/x.gz", "file:///etc/passwd"])
+def test_download_https_only(url: str) -> None:
+    with pytest.raises(WardrobeError, match=r"only https:// URLs are allowed"):
+        download(url, timeout_s=1, max_bytes=10)
+
+
+def _params(params_dict: dict, sources: list[str]):
+    return dataclasses.replace(parse_params(params_dict).prepare, sources=tuple(sources))
+
+
+def test_fetch_falls_back_to_next_matching_source(
+    tmp_path: Path, params_dict: dict, idx_source: tuple[Path, dict[str, str]]
+) -> None:
+    good_dir, _ = idx_source
+    wrong = tmp_path / "wrong"
+    wrong.mkdir()
+    (wrong / "train-labels-idx1-ubyte").write_bytes(idx_bytes(np.zeros(5, np.uint8)))  # uncompressed, bad hash
+    params = _params(params_dict, [str(tmp_path / "missing"), str(wrong), str(good_dir)])
+    data = fetch_verified("train-labels-idx1-ubyte", params)
+    assert parse_idx(data, "labels").shape == (10 * TRAIN_PER_CLASS,)
+
+
+def test_fetch_failure_names_every_source(tmp_path: Path, params_dict: dict) -> None:
+    wrong = tmp_path / "wrong"
+    wrong.mkdir()
+    (wrong / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(idx_bytes(np.zeros(5, np.uint8))))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    params = _params(params_dict, [str(tmp_path / "missing"), str(wrong), str(empty), "https://127.0.0.1:9/m"])
+    with pytest.raises(WardrobeError) as info:
+        fetch_verified("t10k-labels-idx1-ubyte", params)
+    message = str(info.value)
+    assert message.startswith("t10k-labels-idx1-ubyte: no source worked; tried ")
+    assert f"{tmp_path / 'missing'}: no such directory" in message
+    assert f"{wrong}: SHA-256 mismatch" in message
+    assert f"{empty}: neither t10k-labels-idx1-ubyte.gz nor t10k-labels-idx1-ubyte is there" in message
+    assert "https://127.0.0.1:9/m: download failed" in message
+    assert "\n" not in message
+
+
+def _run_stage(stage: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", f"stages.{stage}"], cwd=cwd, env=env, capture_output=True, text=True)
+
+
+def test_prepare_main_writes_split_arrays(tmp_path: Path, params_dict: dict) -> None:
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params_dict))
+    result = _run_stage("prepare", tmp_path)
+    assert result.returncode == 0, result.stderr
+    prepared = tmp_path / "data/prepared"
+    assert sorted(p.name for p in prepared.iterdir()) == sorted(
+        f"{a}_{s}.npy" for a in "xy" for s in ("train", "val", "test")
+    )
+    x_train, y_train = load_split(prepared, "train")
+    x_val, y_val = load_split(prepared, "val")
+    x_test, _ = load_split(prepared, "test")
+    assert x_train.shape == (90, 28, 28) and x_val.shape == (30, 28, 28)
+    assert x_test.shape == (10 * TEST_PER_CLASS, 28, 28)
+    assert y_train.dtype == np.uint8 and x_test.dtype == np.float32
+    assert x_train.min() >= 0.0 and x_train.max() <= 1.0
+    assert np.bincount(y_val).tolist() == [3] * 10
+
+
+def test_prepare_failure_keeps_previous_output(tmp_path: Path, params_dict: dict) -> None:
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params_dict))
+    assert _run_stage("prepare", tmp_path).returncode == 0
+    before = (tmp_path / "data/prepared/x_train.npy").read_bytes()
+    params_dict["prepare"]["sha256"]["t10k-images-idx3-ubyte"] = "0" * 64
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params_dict))
+    result = _run_stage("prepare", tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: t10k-images-idx3-ubyte: no source worked; tried ")
+    assert "SHA-256 mismatch" in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert (tmp_path / "data/prepared/x_train.npy").read_bytes() == before
+    assert [p.name for p in (tmp_path / "data").iterdir()] == ["prepared"]  # no temp dirs left

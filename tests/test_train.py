@@ -1,0 +1,87 @@
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from stages.common import WardrobeError
+from stages.params import parse_params
+from stages.prepare import normalize
+from stages.train import fit, make_dataset
+from tests.conftest import synthetic_images
+
+
+@pytest.fixture(scope="module")
+def data():
+    x, y = synthetic_images(8, seed=3)
+    xv, yv = synthetic_images(2, seed=4)
+    return (normalize(x), y), (normalize(xv), yv)
+
+
+@pytest.fixture
+def params(params_dict: dict):
+    return dataclasses.replace(parse_params(params_dict).train, epochs=2)
+
+
+def test_dataset_batches_and_shuffles_deterministically() -> None:
+    x = np.arange(10, dtype=np.float32)[:, None, None] * np.ones((10, 28, 28), np.float32)
+    y = np.arange(10, dtype=np.uint8)
+    batches = list(make_dataset(x, y, batch_size=4, shuffle_seed=5, one_hot=False).as_numpy_iterator())
+    assert [len(b[1]) for b in batches] == [4, 4, 2]
+    order = np.concatenate([b[1] for b in batches])
+    assert sorted(order.tolist()) == list(range(10)) and order.tolist() != list(range(10))
+    for images, labels in batches:
+        np.testing.assert_array_equal(images[:, 0, 0], labels)  # image i stays with label i
+    again = np.concatenate([b[1] for b in make_dataset(x, y, 4, 5, False).as_numpy_iterator()])
+    np.testing.assert_array_equal(order, again)
+    one_hot = next(make_dataset(x, y, 4, None, True).as_numpy_iterator())[1]
+    assert one_hot.shape == (4, 10) and one_hot.argmax(1).tolist() == [0, 1, 2, 3]
+
+
+def test_fit_writes_history_from_epoch_one(tmp_path: Path, data, params) -> None:
+    history_csv = tmp_path / "history.csv"
+    model = fit(params, *data, history_csv, verbose=0)
+    history = pd.read_csv(history_csv)
+    assert history["epoch"].tolist() == [1, 2]
+    assert {"accuracy", "loss", "val_accuracy", "val_loss"} <= set(history.columns)
+    assert model.predict(data[1][0], verbose=0).shape == (20, 10)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {
+            "arch": "cnn",
+            "filters": (4,),
+            "dense_units": 8,
+            "optimizer": "adamw",
+            "lr_schedule": "cosine",
+            "warmup_epochs": 1.0,
+            "label_smoothing": 0.1,
+            "augment_flip": True,
+            "augment_shift": 2,
+            "early_stopping_patience": 1,
+        },
+    ],
+    ids=["mlp", "cnn-all-options"],
+)
+def test_fit_is_deterministic(tmp_path: Path, data, params, overrides: dict) -> None:
+    params = dataclasses.replace(params, **overrides)
+    first = fit(params, *data, tmp_path / "a.csv", verbose=0)
+    second = fit(params, *data, tmp_path / "b.csv", verbose=0)
+    for a, b in zip(first.get_weights(), second.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert (tmp_path / "a.csv").read_text() == (tmp_path / "b.csv").read_text()
+
+
+def test_diverging_loss_is_an_error(tmp_path: Path, data, params) -> None:
+    huge = dataclasses.replace(params, learning_rate=1e30, epochs=3)
+    with pytest.raises(
+        WardrobeError,
+        match=r"train: loss became nan at epoch 1; lower train\.learning_rate \(now 1e\+30\); no model was written",
+    ):
+        fit(huge, *data, tmp_path / "h.csv", verbose=0)

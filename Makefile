@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 DATASET_DIR := /usr/share/datasets/fashion-mnist
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: venv dataset repro test lint format bench clean
+.PHONY: venv dataset repro test lint format bench ci ci-steps validate report release clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -42,5 +42,29 @@ format: venv
 bench: venv dataset
 	$(PY) -m bench.run
 
+# What CI does with the pipeline (.github/workflows/ci.yml runs exactly `make ci`):
+# reproduce, validate against BASE, write report.md. BASE defaults to the last commit.
+BASE ?= HEAD
+ci: venv dataset ci-steps
+
+ci-steps:
+	dvc repro
+	python -m stages.validate --against $(BASE)
+	python -m stages.report --base $(BASE)
+
+validate: venv
+	$(PY) -m stages.validate
+
+report: venv
+	python -m stages.report --base $(BASE)
+
+# Register a model version the way GTO does: an annotated tag <artifact>@vX.Y.Z, which is how
+# `dvc artifacts get` finds versions. Push the tag (and `dvc push` the model) to publish it.
+ARTIFACT := fashion-classifier
+release:
+	@echo "$(VERSION)" | grep -Eq '^[0-9]+\.[0-9]+\.[0-9]+$$' || { echo "usage: make release VERSION=x.y.z" >&2; exit 2; }
+	git tag -a "$(ARTIFACT)@v$(VERSION)" -m "$(ARTIFACT) v$(VERSION)"
+	@echo "tagged $(ARTIFACT)@v$(VERSION); publish with: git push origin $(ARTIFACT)@v$(VERSION) && dvc push"
+
 clean:
-	rm -rf $(VENV) dvc_plots .pytest_cache .ruff_cache
+	rm -rf $(VENV) dvc_plots report.md .pytest_cache .ruff_cache

@@ -93,11 +93,24 @@ class EvaluateParams:
     example_grid: int = field(metadata=_rule(lambda v: 1 <= v <= 10, "must be in 1..10"))
 
 
+UNIT = _rule(lambda v: 0 <= v <= 1, "must be in [0, 1]")
+
+
+@dataclass(frozen=True)
+class ValidateParams:
+    # Quality gates `python -m stages.validate` applies to metrics/metrics.json.
+    min_accuracy: float = field(metadata=UNIT)
+    min_class_f1: float = field(metadata=UNIT)
+    # With --against REV: the largest allowed drop in test accuracy versus REV's metrics.
+    max_drop: float = field(metadata=UNIT)
+
+
 @dataclass(frozen=True)
 class Params:
     prepare: PrepareParams
     train: TrainParams
     evaluate: EvaluateParams
+    validate: ValidateParams
     preset: str
 
 
@@ -118,7 +131,7 @@ def load_params(path: Path = PARAMS_FILE) -> Params:
 def parse_params(raw: Any) -> Params:
     """Validate a params mapping: the `train` section picks a preset and overrides its keys."""
     sections = _as_mapping(raw, "params")
-    _reject_unknown(sections, {"prepare", "train", "evaluate", "presets"}, "")
+    _reject_unknown(sections, {"prepare", "train", "evaluate", "validate", "presets"}, "")
     presets = _as_mapping(_required(sections, "presets", ""), "presets")
     train_raw = dict(_as_mapping(_required(sections, "train", ""), "train"))
     preset = train_raw.pop("preset", None)
@@ -133,6 +146,7 @@ def parse_params(raw: Any) -> Params:
         prepare=_build(PrepareParams, _required(sections, "prepare", ""), "prepare"),
         train=_build(TrainParams, merged, "train"),
         evaluate=_build(EvaluateParams, _required(sections, "evaluate", ""), "evaluate"),
+        validate=_build(ValidateParams, _required(sections, "validate", ""), "validate"),
         preset=preset,
     )
 

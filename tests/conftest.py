@@ -5,7 +5,12 @@ from __future__ import annotations
 import copy
 import gzip
 import hashlib
+import os
+import re
+import shutil
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -66,9 +71,50 @@ def tiny_params(source: Path, hashes: dict[str, str]) -> dict:
     params["train"] = {"preset": "mlp", "epochs": 1, "batch_size": 16}
     params["evaluate"]["batch_size"] = 64
     params["evaluate"]["example_grid"] = 3
+    params["validate"] = {"min_accuracy": 0.2, "min_class_f1": 0.0, "max_drop": 0.01}
     return params
 
 
 @pytest.fixture
 def params_dict(idx_source: tuple[Path, dict[str, str]]) -> dict:
     return copy.deepcopy(tiny_params(*idx_source))
+
+
+def sh(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run a real command (dvc, git, make) in `repo` with this venv first on PATH."""
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@example.com",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@example.com",
+        "DVC_NO_ANALYTICS": "1",
+    }
+    result = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def repro(repo: Path) -> list[str]:
+    """Run `dvc repro`; return the stages it actually ran, in order."""
+    return re.findall(r"Running stage '([^']+)'", sh(repo, "dvc", "repro").stdout)
+
+
+def write_params(repo: Path, params: dict) -> None:
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def make_project(repo: Path, params: dict) -> Path:
+    """A git repo holding a copy of the project (code, dvc.yaml, .dvc/, Makefile), committed."""
+    repo.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(REPO / "stages", repo / "stages", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / ".dvc", repo / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache", "config.local"))
+    for name in ("dvc.yaml", "Makefile", ".gitignore"):
+        shutil.copy(REPO / name, repo / name)
+    write_params(repo, params)
+    sh(repo, "git", "init", "-q", "-b", "main")
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-qm", "project")
+    return repo

@@ -61,6 +61,7 @@ def _set(d: dict, dotted: str, value: object) -> None:
         ("prepare.sha256", {"x": "y"}, r"prepare\.sha256: must map exactly"),
         ("evaluate.example_grid", 11, r"evaluate\.example_grid: must be in 1\.\.10"),
         ("evaluate", None, r"evaluate: expected a mapping"),
+        ("validate.min_accuracy", 1.5, r"validate\.min_accuracy: must be in \[0, 1\]"),
     ],
 )
 def test_invalid_params_name_the_key(params_dict: dict, key: str, value: object, message: str) -> None:
@@ -69,7 +70,7 @@ def test_invalid_params_name_the_key(params_dict: dict, key: str, value: object,
         parse_params(params_dict)
 
 
-@pytest.mark.parametrize("section", ["prepare", "train", "evaluate", "presets"])
+@pytest.mark.parametrize("section", ["prepare", "train", "evaluate", "validate", "presets"])
 def test_missing_section(params_dict: dict, section: str) -> None:
     del params_dict[section]
     with pytest.raises(WardrobeError, match=rf"^{section}: missing key"):

@@ -7,60 +7,20 @@ stages `dvc repro` ran, so a missing or spurious dependency in dvc.yaml fails he
 from __future__ import annotations
 
 import json
-import os
-import re
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import REPO, tiny_params
+from tests.conftest import make_project, repro, sh, tiny_params, write_params
 
-BIN = Path(sys.executable).parent
 ALL_STAGES = ["prepare", "train", "evaluate"]
-
-
-def sh(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = {
-        **os.environ,
-        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
-        "GIT_AUTHOR_NAME": "t",
-        "GIT_AUTHOR_EMAIL": "t@example.com",
-        "GIT_COMMITTER_NAME": "t",
-        "GIT_COMMITTER_EMAIL": "t@example.com",
-        "DVC_NO_ANALYTICS": "1",
-    }
-    result = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
-    return result
-
-
-def repro(repo: Path) -> list[str]:
-    """Run `dvc repro`; return the stages it actually ran, in order."""
-    out = sh(repo, "dvc", "repro").stdout
-    return re.findall(r"Running stage '([^']+)'", out)
-
-
-def write_params(repo: Path, params: dict) -> None:
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory, idx_source: tuple[Path, dict[str, str]]) -> tuple[Path, dict]:
-    repo = tmp_path_factory.mktemp("project")
-    shutil.copytree(REPO / "stages", repo / "stages", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(REPO / "dvc.yaml", repo / "dvc.yaml")
-    shutil.copytree(REPO / ".dvc", repo / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache", "config.local"))
     params = tiny_params(*idx_source)
-    write_params(repo, params)
-    sh(repo, "git", "init", "-q")
-    sh(repo, "git", "add", "-A")
-    sh(repo, "git", "commit", "-qm", "project")
-    return repo, params
+    return make_project(tmp_path_factory.mktemp("project"), params), params
 
 
 def test_first_repro_runs_all_and_writes_every_output(project: tuple[Path, dict]) -> None:

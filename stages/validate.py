@@ -1,0 +1,226 @@
+"""validate: check what the pipeline produced; one line per problem, exit 1 if there is any.
+
+CI runs it after `dvc repro`: outputs exist and are well-formed, quality gates from
+`params.yaml` hold, `dvc.lock` is fresh, and (with --against REV) accuracy did not drop.
+Usage: python -m stages.validate [--against REV]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+from PIL import Image, UnidentifiedImageError
+
+from stages.common import (
+    CLASS_NAMES,
+    CONFUSION_CSV,
+    HISTORY_CSV,
+    METRICS_PATH,
+    PER_CLASS_CSV,
+    PREPARED_DIR,
+    WardrobeError,
+    run_main,
+)
+from stages.params import ValidateParams, load_params
+
+HEADLINE_KEYS = ("accuracy", "loss", "macro_f1", "val_accuracy")
+SCORE_KEYS = ("precision", "recall", "f1")
+CSV_COLUMNS = {
+    HISTORY_CSV: ["epoch", "accuracy", "loss", "val_accuracy", "val_loss"],
+    CONFUSION_CSV: ["actual", "predicted"],
+    PER_CLASS_CSV: ["class", "precision", "recall", "f1", "support"],
+}
+MIN_PNG_SIDE = 200
+
+
+def declared_outputs(dvc_yaml: Path) -> list[Path]:
+    """Every `outs` and `metrics` path of every stage in dvc.yaml."""
+    stages = yaml.safe_load(dvc_yaml.read_text(encoding="utf-8"))["stages"]
+    paths = []
+    for stage in stages.values():
+        for entry in stage.get("outs", []) + stage.get("metrics", []) + stage.get("plots", []):
+            paths.append(Path(entry if isinstance(entry, str) else next(iter(entry))))
+    return paths
+
+
+def _unit(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value <= 1
+
+
+def check_metrics_schema(metrics: Any) -> list[str]:
+    """Keys, types and ranges of metrics.json; [] when it is well-formed."""
+    where = str(METRICS_PATH)
+    if not isinstance(metrics, dict):
+        return [f"{where}: expected a JSON object"]
+    problems = []
+    for key in HEADLINE_KEYS:
+        value = metrics.get(key)
+        if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+            problems.append(f"{where}: {key} must be a finite number, got {value!r}")
+        elif key != "loss" and not _unit(value):
+            problems.append(f"{where}: {key} must be in [0, 1], got {value!r}")
+        elif key == "loss" and value < 0:
+            problems.append(f"{where}: loss must be >= 0, got {value!r}")
+    per_class = metrics.get("per_class")
+    if not isinstance(per_class, dict):
+        return [*problems, f"{where}: per_class must be an object keyed by class name"]
+    missing = [name for name in CLASS_NAMES if name not in per_class]
+    if missing:
+        problems.append(f"{where}: per_class lacks {', '.join(missing)}")
+    extra = sorted(set(per_class) - set(CLASS_NAMES))
+    if extra:
+        problems.append(f"{where}: per_class has unknown classes {', '.join(extra)}")
+    for name in CLASS_NAMES:
+        scores = per_class.get(name)
+        if isinstance(scores, dict):
+            for key in SCORE_KEYS:
+                if not _unit(scores.get(key)):
+                    problems.append(f"{where}: per_class.{name}.{key} must be in [0, 1], got {scores.get(key)!r}")
+        elif name not in missing:
+            problems.append(f"{where}: per_class.{name} must be an object")
+    return problems
+
+
+def check_quality(metrics: dict, gates: ValidateParams) -> list[str]:
+    problems = []
+    if metrics["accuracy"] < gates.min_accuracy:
+        problems.append(
+            f"{METRICS_PATH}: accuracy {metrics['accuracy']:.4f} is below validate.min_accuracy {gates.min_accuracy}"
+        )
+    for name, scores in metrics["per_class"].items():
+        if scores["f1"] < gates.min_class_f1:
+            problems.append(
+                f"{METRICS_PATH}: {name} F1 {scores['f1']:.4f} is below validate.min_class_f1 {gates.min_class_f1}"
+            )
+    return problems
+
+
+def check_drop(metrics: dict, base: dict, rev: str, max_drop: float) -> list[str]:
+    drop = base["accuracy"] - metrics["accuracy"]
+    if drop > max_drop:
+        return [
+            f"{METRICS_PATH}: accuracy fell {drop:.4f} against {rev} ({base['accuracy']:.4f} -> "
+            f"{metrics['accuracy']:.4f}), more than validate.max_drop {max_drop}"
+        ]
+    return []
+
+
+def check_csvs(test_size: int | None) -> list[str]:
+    problems = []
+    frames = {}
+    for path, columns in CSV_COLUMNS.items():
+        try:
+            frames[path] = frame = pd.read_csv(path)
+        except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+            problems.append(f"{path}: unreadable CSV ({' '.join(str(exc).split())})")
+            continue
+        if list(frame.columns) != columns:
+            problems.append(f"{path}: columns {list(frame.columns)}, expected {columns}")
+            frames.pop(path)
+        elif frame.empty:
+            problems.append(f"{path}: no rows")
+            frames.pop(path)
+    if HISTORY_CSV in frames and frames[HISTORY_CSV]["epoch"].tolist() != list(range(1, len(frames[HISTORY_CSV]) + 1)):
+        problems.append(f"{HISTORY_CSV}: epochs must run 1, 2, 3, …")
+    if PER_CLASS_CSV in frames and frames[PER_CLASS_CSV]["class"].tolist() != list(CLASS_NAMES):
+        problems.append(f"{PER_CLASS_CSV}: expected one row per class in label order")
+    if CONFUSION_CSV in frames:
+        confusion = frames[CONFUSION_CSV]
+        unknown = sorted((set(confusion["actual"]) | set(confusion["predicted"])) - set(CLASS_NAMES))
+        if unknown:
+            problems.append(f"{CONFUSION_CSV}: unknown class names {unknown}")
+        if test_size is not None and len(confusion) != test_size:
+            problems.append(f"{CONFUSION_CSV}: {len(confusion)} rows, expected one per test image ({test_size})")
+    return problems
+
+
+def check_png(path: Path) -> list[str]:
+    try:
+        with Image.open(path) as image:
+            image.verify()
+            kind, size = image.format, image.size
+    except (OSError, UnidentifiedImageError) as exc:
+        return [f"{path}: not a valid image ({exc})"]
+    if kind != "PNG":
+        return [f"{path}: expected a PNG, got {kind}"]
+    if min(size) < MIN_PNG_SIDE:
+        return [f"{path}: {size[0]}×{size[1]} pixels, smaller than {MIN_PNG_SIDE} on a side"]
+    return []
+
+
+def stale_stages() -> list[str]:
+    """Stages whose code, params or dependencies changed since dvc.lock was written."""
+    result = subprocess.run(["dvc", "status", "--json"], capture_output=True, text=True)
+    if result.returncode != 0:
+        return [f"dvc status failed: {' '.join(result.stderr.split())[:300]}"]
+    problems = []
+    for stage, changes in json.loads(result.stdout or "{}").items():
+        kinds = []
+        for change in changes:
+            if isinstance(change, dict):
+                kinds += [k.removeprefix("changed ") for k in change if k.startswith("changed")]
+            elif isinstance(change, str):
+                kinds.append(change)
+        problems.append(f"dvc.lock is stale: stage {stage}: changed {', '.join(sorted(set(kinds)))}; run dvc repro")
+    return problems
+
+
+def metrics_at(rev: str) -> dict:
+    result = subprocess.run(["git", "show", f"{rev}:{METRICS_PATH}"], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise WardrobeError(f"--against {rev}: cannot read {METRICS_PATH} there ({result.stderr.strip()})")
+    return json.loads(result.stdout)
+
+
+def validate(against: str | None) -> list[str]:
+    """Every problem found, one line each; [] means the outputs can be trusted."""
+    gates = load_params().validate
+    problems = [
+        f"{path}: declared output is missing" for path in declared_outputs(Path("dvc.yaml")) if not path.exists()
+    ]
+    metrics = None
+    if METRICS_PATH.exists():
+        try:
+            metrics = json.loads(METRICS_PATH.read_text(encoding="utf-8"))
+        except ValueError as exc:
+            problems.append(f"{METRICS_PATH}: not valid JSON ({exc})")
+    if metrics is not None:
+        schema_problems = check_metrics_schema(metrics)
+        problems += schema_problems
+        if not schema_problems:
+            problems += check_quality(metrics, gates)
+            if against:
+                problems += check_drop(metrics, metrics_at(against), against, gates.max_drop)
+    y_test = PREPARED_DIR / "y_test.npy"
+    test_size = len(np.load(y_test, allow_pickle=False)) if y_test.exists() else None
+    if all(path.exists() for path in CSV_COLUMNS):
+        problems += check_csvs(test_size)
+    for path in declared_outputs(Path("dvc.yaml")):
+        if path.suffix == ".png" and path.exists():
+            problems += check_png(path)
+    return problems + stale_stages()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Check the pipeline's outputs (CI gate).")
+    parser.add_argument("--against", metavar="REV", help="fail if test accuracy dropped vs. REV's metrics")
+    args = parser.parse_args()
+    problems = validate(args.against)
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+    if problems:
+        sys.exit(1)
+    print("validate: all outputs present, well-formed, within quality gates and fresh")
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -15,9 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.common import PREPARED_DIR, load_split
-from stages.evaluate import predict_proba
-from stages.params import EvaluateParams, TrainParams, load_params
+from stages.common import PREPARED_DIR, load_split, predict_proba
+from stages.params import TrainParams, load_params
 from stages.train import fit
 
 
@@ -30,10 +29,11 @@ def run_variant(base: TrainParams, overrides: dict, data: dict) -> dict:
         history = (Path(tmp) / "h.csv").read_text()
     result = {"overrides": overrides, "train_s": round(seconds, 1), "params": model.count_params()}
     for tta in (False, True):
-        ev = EvaluateParams(tta_flip=tta, batch_size=1024, example_grid=5)
         for split in ("val", "test"):
             x, y = data[split]
-            result[f"{split}_acc{'_tta' if tta else ''}"] = float(np.mean(predict_proba(model, x, ev).argmax(1) == y))
+            result[f"{split}_acc{'_tta' if tta else ''}"] = float(
+                np.mean(predict_proba(model, x, 1024, tta).argmax(1) == y)
+            )
     result["history"] = history
     return result
 

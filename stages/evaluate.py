@@ -25,21 +25,16 @@ from stages.common import (
     PREPARED_DIR,
     WardrobeError,
     atomic_path,
+    load_model,
     load_split,
+    predict_proba,
     run_main,
+    wants_flip_tta,
     write_json_atomic,
 )
-from stages.params import EvaluateParams, load_params
+from stages.params import load_params
 
 DIGITS = 6
-
-
-def predict_proba(model, x: np.ndarray, params: EvaluateParams) -> np.ndarray:
-    """Class probabilities; with tta_flip, the mean over each image and its left-right mirror."""
-    probs = model.predict(x, batch_size=params.batch_size, verbose=0)
-    if params.tta_flip:
-        probs = (probs + model.predict(x[:, :, ::-1], batch_size=params.batch_size, verbose=0)) / 2
-    return probs
 
 
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
@@ -155,25 +150,14 @@ def plot_predictions(x: np.ndarray, y_true: np.ndarray, y_pred: np.ndarray, grid
     _save_figure(fig, path)
 
 
-def load_model(path: Path):
-    """Load a saved Keras model safely (no arbitrary code from the file)."""
-    import keras
-
-    if not path.is_file():
-        raise WardrobeError(f"{path}: model file not found; run the train stage first")
-    try:
-        return keras.models.load_model(path, safe_mode=True)
-    except Exception as exc:  # Keras raises many types for a corrupt archive
-        raise WardrobeError(f"{path}: cannot load model: {' '.join(str(exc).split())[:200]}") from exc
-
-
 def main() -> None:
     params = load_params().evaluate
     model = load_model(MODEL_PATH)
     x_test, y_test = load_split(PREPARED_DIR, "test")
     x_val, y_val = load_split(PREPARED_DIR, "val")
-    test_probs = predict_proba(model, x_test, params)
-    val_probs = predict_proba(model, x_val, params)
+    tta = wants_flip_tta(model, params.tta_flip)
+    test_probs = predict_proba(model, x_test, params.batch_size, tta)
+    val_probs = predict_proba(model, x_val, params.batch_size, tta)
     y_pred = test_probs.argmax(axis=1)
     try:
         history = pd.read_csv(HISTORY_CSV)

@@ -23,7 +23,8 @@ def build_model(params: TrainParams) -> keras.Model:
         x = keras.layers.Dropout(params.dropout, seed=params.seed)(x)
     else:
         x = _conv_trunk(x, params)
-    outputs = keras.layers.Dense(NUM_CLASSES, activation="softmax", name="probabilities")(x)
+    # float32 output whatever the compute precision: softmax in bfloat16 loses too much.
+    outputs = keras.layers.Dense(NUM_CLASSES, activation="softmax", name="probabilities", dtype="float32")(x)
     return keras.Model(inputs, outputs, name=params.arch)
 
 
@@ -45,8 +46,8 @@ def _augmentation(x: keras.KerasTensor, params: TrainParams) -> keras.KerasTenso
 def _conv_trunk(x: keras.KerasTensor, params: TrainParams) -> keras.KerasTensor:
     """Conv-BN-ReLU blocks, each halving the resolution; BN lets a high learning rate converge fast."""
     x = keras.layers.Reshape((*IMAGE_SHAPE, 1))(x)
-    for filters in params.filters:
-        for _ in range(params.convs_per_block):
+    for filters, convs in zip(params.filters, params.convs_per_block, strict=True):
+        for _ in range(convs):
             x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False)(x)
             x = keras.layers.BatchNormalization()(x)
             x = keras.layers.ReLU()(x)

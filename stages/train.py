@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import keras
@@ -31,6 +34,17 @@ class EpochFromOneCSVLogger(keras.callbacks.CSVLogger):
         super().on_epoch_end(epoch + 1, logs)
 
 
+def distribution_strategy(name: str) -> tf.distribute.Strategy:
+    """auto: MirroredStrategy over several visible GPUs, else TensorFlow's default (one device).
+
+    No multi-worker option: Keras 3's fit() fails under MultiWorkerMirroredStrategy
+    (keras-team/keras#20585, open as of Keras 3.15), see README "Scaling out".
+    """
+    if name == "mirrored" or (name == "auto" and len(tf.config.list_logical_devices("GPU")) > 1):
+        return tf.distribute.MirroredStrategy()
+    return tf.distribute.get_strategy()
+
+
 def make_dataset(
     x: np.ndarray, y: np.ndarray, batch_size: int, shuffle_seed: int | None, one_hot: bool
 ) -> tf.data.Dataset:
@@ -52,6 +66,32 @@ def make_dataset(
 
     # A plain map: op determinism makes a parallel map sequential anyway (and TF logs an error).
     return indices.batch(batch_size).map(gather).prefetch(tf.data.AUTOTUNE)
+
+
+def cpu_has_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """True where the CPU multiplies bfloat16 natively (AVX512_BF16 or AMX); Linux only."""
+    try:
+        flags = cpuinfo.read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision: str) -> str:
+    if precision == "auto":
+        return "mixed_bfloat16" if cpu_has_bf16() else "float32"
+    return precision
+
+
+@contextlib.contextmanager
+def dtype_policy(policy: str) -> Iterator[None]:
+    """Keras' precision policy is global: set it for one model build, then put it back."""
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
 
 
 def learning_rate(params: TrainParams, steps_per_epoch: int) -> float | keras.optimizers.schedules.LearningRateSchedule:
@@ -87,13 +127,23 @@ def fit(
     history_csv: Path,
     verbose: int | str = "auto",
 ) -> keras.Model:
-    """Train and return the model; raises WardrobeError if the loss diverges (no model is kept)."""
+    """Train and return the model; raises WardrobeError if the loss diverges (no model is kept).
+
+    `train.batch_size` is per replica: the global batch is batch_size × replicas and the
+    learning rate is scaled by the replica count (linear scaling), so one replica is unchanged.
+    """
+    strategy = distribution_strategy(params.strategy)
     seed_everything(params.seed)
+    replicas = strategy.num_replicas_in_sync
+    global_batch = params.batch_size * replicas
     one_hot = params.label_smoothing > 0
-    train_ds = make_dataset(*train, params.batch_size, shuffle_seed=params.seed, one_hot=one_hot)
-    val_ds = make_dataset(*val, params.batch_size, shuffle_seed=None, one_hot=one_hot)
-    model = build_model(params)
-    compile_model(model, params, steps_per_epoch=math.ceil(len(train[0]) / params.batch_size))
+    train_ds = make_dataset(*train, global_batch, shuffle_seed=params.seed, one_hot=one_hot)
+    val_ds = make_dataset(*val, global_batch, shuffle_seed=None, one_hot=one_hot)
+    if replicas > 1:
+        params = dataclasses.replace(params, learning_rate=params.learning_rate * replicas)
+    with strategy.scope(), dtype_policy(resolve_precision(params.precision)):
+        model = build_model(params)
+        compile_model(model, params, steps_per_epoch=math.ceil(len(train[0]) / global_batch))
     callbacks = [EpochFromOneCSVLogger(str(history_csv)), keras.callbacks.TerminateOnNaN()]
     if params.early_stopping_patience:
         callbacks.append(
@@ -118,7 +168,6 @@ def main() -> None:
     params = load_params().train
     train = load_split(PREPARED_DIR, "train")
     val = load_split(PREPARED_DIR, "val")
-    MODEL_PATH.parent.mkdir(parents=True, exist_ok=True)
     # Both outputs are written to temp files and renamed only after a successful fit.
     with atomic_path(HISTORY_CSV) as history_tmp, atomic_path(MODEL_PATH) as model_tmp:
         model = fit(params, train, val, history_tmp, verbose=2)

@@ -26,13 +26,15 @@ def test_mlp_is_the_original_model(mlp) -> None:
 
 
 def test_cnn_shapes_and_probabilities(params_dict: dict) -> None:
-    params_dict["train"] = {"preset": "cnn", "filters": [4, 8], "dense_units": 16}
+    params_dict["train"] = {"preset": "cnn", "filters": [4, 8], "convs_per_block": [1, 2], "dense_units": 16}
     model = build_model(parse_params(params_dict).train)
     probs = model.predict(np.random.default_rng(0).random((3, 28, 28), dtype=np.float32), verbose=0)
     assert model.input_shape == (None, 28, 28)
     assert probs.shape == (3, 10)
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
     assert any(isinstance(layer, keras.layers.BatchNormalization) for layer in model.layers)
+    convs = [layer.filters for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
+    assert convs == [4, 8, 8]
 
 
 def test_augmentation_only_in_training(mlp) -> None:

@@ -16,6 +16,15 @@ def test_repo_params_load() -> None:
     assert params.train.arch in ("mlp", "cnn")
 
 
+def test_original_preset_is_the_original_recipe(params_dict: dict) -> None:
+    params_dict["train"] = {"preset": "original"}
+    train = parse_params(params_dict).train
+    assert (train.arch, train.dense_units, train.dropout) == ("mlp", 128, 0.2)
+    assert (train.epochs, train.batch_size, train.optimizer, train.learning_rate) == (5, 32, "adam", 0.001)
+    assert (train.lr_schedule, train.label_smoothing, train.precision) == ("constant", 0.0, "float32")
+    assert not (train.augment_flip or train.augment_shift or train.augment_erase)
+
+
 def test_preset_and_override(params_dict: dict) -> None:
     params = parse_params(params_dict)
     assert params.preset == "mlp"
@@ -52,9 +61,10 @@ def _set(d: dict, dotted: str, value: object) -> None:
         ("train.dropout", 1.0, r"train\.dropout: must be in \[0, 1\)"),
         ("train.arch", "resnet", r"train\.arch: 'resnet' is not one of \['mlp', 'cnn'\]"),
         ("train.optimizer", "sgd", r"train\.optimizer: 'sgd' is not one of"),
-        ("train.preset", "huge", r"train\.preset: 'huge' is not one of \['cnn', 'mlp'"),
+        ("train.preset", "huge", r"train\.preset: 'huge' is not one of \['cnn', 'long', 'mlp', 'original'\]"),
         ("train.filters", [32, 0], r"train\.filters: must be positive ints"),
         ("train.filters", 32, r"train\.filters: expected a list"),
+        ("train.convs_per_block", [1, 2], r"train\.convs_per_block: needs one entry per filters entry \(1\), got 2"),
         ("prepare.val_fraction", 1.0, r"prepare\.val_fraction: must be in \(0, 1\)"),
         ("prepare.val_fraction", 0, r"prepare\.val_fraction: must be in \(0, 1\)"),
         ("prepare.sources", [], r"prepare\.sources: must not be empty"),

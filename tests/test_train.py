@@ -3,6 +3,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import keras
 import numpy as np
 import pandas as pd
 import pytest
@@ -10,7 +11,7 @@ import pytest
 from stages.common import WardrobeError
 from stages.params import parse_params
 from stages.prepare import normalize
-from stages.train import fit, make_dataset
+from stages.train import cpu_has_bf16, dtype_policy, fit, make_dataset, resolve_precision
 from tests.conftest import synthetic_images
 
 
@@ -57,6 +58,7 @@ def test_fit_writes_history_from_epoch_one(tmp_path: Path, data, params) -> None
         {
             "arch": "cnn",
             "filters": (4,),
+            "convs_per_block": (1,),
             "dense_units": 8,
             "optimizer": "adamw",
             "lr_schedule": "cosine",
@@ -65,6 +67,7 @@ def test_fit_writes_history_from_epoch_one(tmp_path: Path, data, params) -> None
             "augment_flip": True,
             "augment_shift": 2,
             "early_stopping_patience": 1,
+            "precision": "mixed_bfloat16",
         },
     ],
     ids=["mlp", "cnn-all-options"],
@@ -85,3 +88,23 @@ def test_diverging_loss_is_an_error(tmp_path: Path, data, params) -> None:
         match=r"train: loss became nan at epoch 1; lower train\.learning_rate \(now 1e\+30\); no model was written",
     ):
         fit(huge, *data, tmp_path / "h.csv", verbose=0)
+
+
+def test_cpu_bf16_detection(tmp_path: Path) -> None:
+    (tmp_path / "yes").write_text("flags\t\t: fpu sse2 avx512f avx512_bf16 fma\n")
+    (tmp_path / "no").write_text("flags\t\t: fpu sse2 avx2 fma\n")
+    assert cpu_has_bf16(tmp_path / "yes")
+    assert not cpu_has_bf16(tmp_path / "no")
+    assert not cpu_has_bf16(tmp_path / "missing")
+    assert resolve_precision("float32") == "float32"
+    assert resolve_precision("auto") in ("float32", "mixed_bfloat16")
+
+
+def test_precision_policy_is_restored_and_output_stays_float32(tmp_path: Path, data, params) -> None:
+    with dtype_policy("mixed_bfloat16"):
+        assert keras.mixed_precision.global_policy().name == "mixed_bfloat16"
+    assert keras.mixed_precision.global_policy().name == "float32"
+    model = fit(dataclasses.replace(params, precision="mixed_bfloat16", epochs=1), *data, tmp_path / "h.csv", 0)
+    assert model.layers[2].compute_dtype == "bfloat16"
+    assert model.output.dtype == "float32"
+    assert keras.mixed_precision.global_policy().name == "float32"

@@ -1,0 +1,135 @@
+"""`make bench`: time the original script against the pipeline's presets, end to end, one run.
+
+Each pipeline row is a full `dvc repro` in a fresh temp project (empty cache), stage by stage so
+each stage's wall time and peak RSS are known. Peak RSS comes from wait4() on the process
+(Linux reports the largest of it and the children it waited for, i.e. the stage).
+Prints a markdown table; `--write FILE` also saves it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+DATA_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+@dataclass
+class Row:
+    name: str
+    wall_s: float
+    accuracy: float
+    peak_rss_mb: float
+    detail: str
+
+
+def timed(args: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, float, str]:
+    """Run a command; return wall seconds, peak RSS in MB, combined output. Fails loudly."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = proc.stdout.read() if proc.stdout else ""
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"bench: {' '.join(args)} failed:\n{output[-3000:]}")
+    return wall, usage.ru_maxrss / 1024, output
+
+
+def run_original(env: dict[str, str], work: Path) -> Row:
+    wall, rss, output = timed(
+        [sys.executable, "-m", "bench.original", str(DATA_DIR), str(work / "original.png")], REPO, env
+    )
+    accuracy = float(output.rsplit("test_accuracy=", 1)[1].split()[0])
+    return Row("original script (mlp, 5 epochs, batch 32)", wall, accuracy, rss, "one process")
+
+
+def run_pipeline(preset: str, env: dict[str, str], work: Path) -> Row:
+    project = work / preset
+    project.mkdir()
+    for item in ("stages", "dvc.yaml", "params.yaml", ".dvc"):
+        source = REPO / item
+        ignore = shutil.ignore_patterns("__pycache__", "tmp", "cache", "config.local")
+        (shutil.copytree if source.is_dir() else shutil.copy)(
+            source, project / item, **({"ignore": ignore} if source.is_dir() else {})
+        )
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["train"] = {"preset": preset}
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    subprocess.run(["git", "init", "-q"], cwd=project, check=True)
+    stage_times, stage_rss = {}, {}
+    for stage in ("prepare", "train", "evaluate"):
+        wall, rss, _ = timed(["dvc", "repro", "--single-item", stage], project, env)
+        stage_times[stage], stage_rss[stage] = wall, rss
+    metrics_text = (project / "metrics/metrics.json").read_text()
+    accuracy = json.loads(metrics_text)["accuracy"]
+    detail = ", ".join(f"{s} {t:.0f} s" for s, t in stage_times.items())
+    committed = REPO / "metrics/metrics.json"
+    if params == yaml.safe_load((REPO / "params.yaml").read_text()) and committed.exists():
+        # Same params, code and data as the committed run: determinism says same bytes.
+        same = metrics_text == committed.read_text()
+        detail += f"; metrics.json {'identical to' if same else 'DIFFERS from'} the committed one"
+    return Row(
+        f"pipeline `{preset}` (dvc repro)",
+        sum(stage_times.values()),
+        accuracy,
+        stage_rss["train"],
+        detail + f"; evaluate RSS {stage_rss['evaluate']:.0f} MB",
+    )
+
+
+def table(rows: list[Row]) -> str:
+    base = rows[0].wall_s
+    lines = [
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"Python {platform.python_version()}; {time.strftime('%Y-%m-%d')}",
+        "",
+        "| run | wall time | test accuracy | peak RSS (train) | time vs original | stages |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row.name} | {row.wall_s:.1f} s | {row.accuracy:.4f} | {row.peak_rss_mb:.0f} MB | "
+            f"{row.wall_s / base:.2f}× | {row.detail} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--presets", nargs="+", default=["mlp", "default"], help="presets to run (default: mlp default)"
+    )
+    parser.add_argument("--write", type=Path, help="also write the table to this markdown file")
+    args = parser.parse_args()
+    if not (DATA_DIR / "train-images-idx3-ubyte.gz").exists():
+        raise SystemExit(f"bench: {DATA_DIR} is missing; install the Debian package dataset-fashion-mnist")
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "DVC_NO_ANALYTICS": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
+    with tempfile.TemporaryDirectory(prefix="wardrobe-bench-") as tmp:
+        rows = [run_original(env, Path(tmp))]
+        print(table(rows), flush=True)
+        for preset in args.presets:
+            rows.append(run_pipeline(preset, env, Path(tmp)))
+            print(f"\n{table(rows)}", flush=True)
+    if args.write:
+        args.write.write_text(table(rows) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,194 @@
+"""predict: classify your own images with the trained model.
+
+    python -m stages.predict PATH... [--model M] [--top-k K] [--json] [--batch-size B]
+    wardrobe-predict PATH...
+
+PATHs are image files (PNG/JPEG/BMP/GIF), folders of them, or .npy arrays (N×28×28 or 28×28,
+uint8 0..255 or float 0..1). Every input is checked before any prediction: one bad file is a
+one-line error naming it, and nothing is printed for the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from stages.common import (
+    CLASS_NAMES,
+    IMAGE_SHAPE,
+    MODEL_PATH,
+    WardrobeError,
+    load_model,
+    predict_proba,
+    wants_flip_tta,
+)
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif"}
+# Decoding is refused above this many pixels (a 64-megapixel photo), before any pixel is read.
+MAX_PIXELS = 64_000_000
+# Pixels at most this dark (0..255) count as background when finding the garment's bounding box.
+BACKGROUND_LEVEL = 24
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+
+
+@dataclass(frozen=True)
+class Item:
+    """One image to classify: where it came from and its 28×28 float32 pixels in [0, 1]."""
+
+    label: str
+    pixels: np.ndarray
+
+
+def to_training_format(gray: np.ndarray) -> np.ndarray:
+    """Make any grayscale picture look like Fashion-MNIST: a light garment on black, fitted to 28×28.
+
+    A light background (product photos) is inverted. The garment's bounding box is scaled so its
+    longer side fills the frame and centered, as Fashion-MNIST's own conversion did. Images that
+    already are 28×28 on a dark background are used unchanged.
+    """
+    border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
+    if border.mean() > 127:
+        gray = 255 - gray
+    if gray.shape == IMAGE_SHAPE:
+        return gray.astype(np.float32) / 255.0
+    rows, cols = np.nonzero(gray > BACKGROUND_LEVEL)
+    if len(rows):
+        gray = gray[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+    height, width = gray.shape
+    scale = IMAGE_SHAPE[0] / max(height, width)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    resized = np.asarray(Image.fromarray(gray).resize(size, Image.Resampling.LANCZOS))
+    canvas = np.zeros(IMAGE_SHAPE, dtype=np.uint8)
+    top, left = (IMAGE_SHAPE[0] - size[1]) // 2, (IMAGE_SHAPE[1] - size[0]) // 2
+    canvas[top : top + size[1], left : left + size[0]] = resized
+    return canvas.astype(np.float32) / 255.0
+
+
+def load_image(path: Path) -> np.ndarray:
+    """Decode one image file (first frame) to a 28×28 float array; bad files raise WardrobeError."""
+    try:
+        # PIL checks the pixel count from the header at open, before decoding; make its warning
+        # (between 1× and 2× MAX_IMAGE_PIXELS) as fatal as its error (above 2×).
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(path)
+        with image:
+            image.seek(0)
+            if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+                # Transparent parts become white, like the page behind a product cut-out.
+                background = Image.new("RGBA", image.size, "white")
+                image = Image.alpha_composite(background, image.convert("RGBA"))
+            gray = np.asarray(ImageOps.grayscale(image.convert("RGB")))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise WardrobeError(f"{path}: image is over the {MAX_PIXELS:,}-pixel cap") from exc
+    except UnidentifiedImageError as exc:
+        raise WardrobeError(f"{path}: not a readable image ({type(exc).__name__})") from exc
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise WardrobeError(f"{path}: cannot decode image: {' '.join(str(exc).split())[:120]}") from exc
+    if gray.size == 0:
+        raise WardrobeError(f"{path}: image has no pixels")
+    return to_training_format(gray)
+
+
+def load_array(path: Path) -> np.ndarray:
+    """A .npy of 28×28 images; uint8 means 0..255, floats must already be in [0, 1]."""
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise WardrobeError(f"{path}: not a readable .npy array ({' '.join(str(exc).split())[:120]})") from exc
+    if array.shape == IMAGE_SHAPE:
+        array = array[None]
+    if array.ndim != 3 or array.shape[1:] != IMAGE_SHAPE or len(array) == 0:
+        raise WardrobeError(f"{path}: expected shape N×28×28 or 28×28, got {array.shape}")
+    if array.dtype == np.uint8:
+        return array.astype(np.float32) / 255.0
+    if not np.issubdtype(array.dtype, np.floating):
+        raise WardrobeError(f"{path}: expected uint8 or float pixels, got {array.dtype}")
+    if not np.all(np.isfinite(array)) or array.min() < 0 or array.max() > 1:
+        raise WardrobeError(f"{path}: float pixels must be finite and in [0, 1]")
+    return array.astype(np.float32)
+
+
+def collect(paths: list[Path]) -> list[Item]:
+    """Expand folders, load everything; the first bad input raises, naming it."""
+    items: list[Item] = []
+    for path in paths:
+        if path.is_dir():
+            try:
+                files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES | {".npy"})
+            except OSError as exc:
+                raise WardrobeError(f"{path}: cannot list folder: {exc.strerror}") from exc
+            if not files:
+                raise WardrobeError(f"{path}: folder has no images ({', '.join(sorted(IMAGE_SUFFIXES))}, .npy)")
+            items += collect(files)
+        elif not path.exists():
+            raise WardrobeError(f"{path}: no such file or folder")
+        elif path.suffix.lower() == ".npy":
+            array = load_array(path)
+            items += [Item(f"{path}[{i}]", pixels) for i, pixels in enumerate(array)]
+        else:
+            if path.stat().st_size == 0:
+                raise WardrobeError(f"{path}: empty file")
+            items.append(Item(str(path), load_image(path)))
+    return items
+
+
+def top_k(probs: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
+    """Per row, the k most likely classes with their probabilities, most likely first."""
+    order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    return [[(CLASS_NAMES[j], float(row[j])) for j in idx] for row, idx in zip(probs, order, strict=True)]
+
+
+def predict(model, items: list[Item], batch_size: int) -> np.ndarray:
+    """Probabilities as evaluate computes them (flip-TTA for flip-trained models, as its default)."""
+    pixels = np.stack([item.pixels for item in items])
+    return predict_proba(model, pixels, batch_size, wants_flip_tta(model, "auto"))
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="wardrobe-predict", description="Classify garment images.")
+    parser.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="image files, folders, .npy arrays")
+    parser.add_argument("--model", type=Path, default=MODEL_PATH, help=f"Keras model (default: {MODEL_PATH})")
+    parser.add_argument("--top-k", type=int, default=1, help="classes to show per image (1..10, default 1)")
+    parser.add_argument("--json", action="store_true", help="one JSON object per input line")
+    parser.add_argument("--batch-size", type=int, default=256, help="images per model call (default 256)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    args = parser.parse_args(argv)
+    if not 1 <= args.top_k <= len(CLASS_NAMES):
+        parser.error(f"--top-k must be in 1..{len(CLASS_NAMES)}, got {args.top_k}")
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    return args
+
+
+def run(args: argparse.Namespace) -> None:
+    items = collect(args.paths)
+    model = load_model(args.model)
+    for item, best in zip(items, top_k(predict(model, items, args.batch_size), args.top_k), strict=True):
+        if args.json:
+            record = {"path": item.label, "top_k": [{"class": c, "probability": round(p, 6)} for c, p in best]}
+            print(json.dumps(record))
+        else:
+            print(f"{item.label}: " + ", ".join(f"{c} ({p:.3f})" for c, p in best))
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        run(args)
+    except WardrobeError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,202 @@
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from stages.common import WardrobeError
+from stages.predict import collect, load_image, to_training_format, top_k
+from tests.conftest import REPO
+
+
+def test_dark_28x28_is_taken_unchanged() -> None:
+    gray = np.random.default_rng(0).integers(0, 60, (28, 28), dtype=np.uint8)
+    np.testing.assert_array_equal(to_training_format(gray), gray.astype(np.float32) / 255)
+
+
+def test_light_background_is_inverted_and_fitted() -> None:
+    photo = np.full((200, 100), 255, dtype=np.uint8)  # white page
+    photo[50:150, 25:75] = 0  # a dark 100×50 garment
+    out = to_training_format(photo)
+    assert out.shape == (28, 28) and out.dtype == np.float32
+    rows, cols = np.nonzero(out > 0.5)
+    assert rows.min() == 0 and rows.max() == 27  # longer side fills the frame
+    assert 12 <= cols.max() - cols.min() + 1 <= 15  # aspect ratio 2:1 kept
+    assert abs((cols.min() + cols.max()) / 2 - 13.5) <= 1  # centered
+    assert out[0, 0] == 0  # background is black
+
+
+def test_top_k_orders_by_probability() -> None:
+    probs = np.zeros((1, 10))
+    probs[0, [3, 7, 1]] = [0.2, 0.7, 0.1]
+    assert top_k(probs, 2) == [[("Sneaker", 0.7), ("Dress", 0.2)]]
+
+
+def _png_claiming(path: Path, width: int, height: int) -> None:
+    """A tiny PNG whose header claims a huge size (valid CRC): the cap must act before decoding."""
+    Image.new("L", (4, 4)).save(path)
+    data = bytearray(path.read_bytes())
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    path.write_bytes(bytes(data))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, idx_source: tuple[Path, dict[str, str]]) -> Path:
+    """A tiny project after prepare, train and evaluate; test images exported as PNGs."""
+    from tests.conftest import tiny_params
+
+    work = tmp_path_factory.mktemp("predict")
+    (work / "params.yaml").write_text(yaml.safe_dump(tiny_params(*idx_source)))
+    for stage in ("prepare", "train", "evaluate"):
+        assert run_module(f"stages.{stage}", cwd=work).returncode == 0
+    x_test = np.load(work / "data/prepared/x_test.npy")
+    (work / "pngs").mkdir()
+    for i, image in enumerate(x_test):
+        Image.fromarray(np.round(image * 255).astype(np.uint8)).save(work / f"pngs/{i:03d}.png")
+    return work
+
+
+def run_module(module: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True)
+
+
+def test_predict_agrees_with_evaluate_on_exported_test_images(trained: Path) -> None:
+    result = run_module("stages.predict", "pngs", "--json", "--top-k", "3", "--batch-size", "7", cwd=trained)
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    expected = pd.read_csv(trained / "plots/confusion.csv")["predicted"].tolist()
+    assert [r["path"] for r in records] == [f"pngs/{i:03d}.png" for i in range(len(expected))]
+    assert [r["top_k"][0]["class"] for r in records] == expected
+    assert all(len(r["top_k"]) == 3 for r in records)
+    assert all(r["top_k"][0]["probability"] >= r["top_k"][1]["probability"] for r in records)
+
+
+def test_predict_npy_and_text_output(trained: Path) -> None:
+    x = np.load(trained / "data/prepared/x_test.npy")[:2]
+    np.save(trained / "two.npy", np.round(x * 255).astype(np.uint8))
+    np.save(trained / "one.npy", x[0])
+    result = run_module("stages.predict", "two.npy", "one.npy", cwd=trained)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["two.npy[0]", "two.npy[1]", "one.npy[0]"]
+    assert lines[0].split(": ")[1] == lines[2].split(": ")[1]  # same image, uint8 or float
+
+
+def _wrong_shape_model(path: Path) -> None:
+    inputs = keras.Input((32, 32))
+    keras.Model(inputs, keras.layers.Dense(10)(keras.layers.Flatten()(inputs))).save(path)
+
+
+@pytest.mark.parametrize(
+    ("setup", "args", "message"),
+    [
+        (lambda d: None, ["nope.png"], "error: nope.png: no such file or folder"),
+        (lambda d: (d / "e").mkdir(), ["e"], "error: e: folder has no images (.bmp, .gif, .jpeg, .jpg, .png, .npy)"),
+        (lambda d: (d / "z.png").write_bytes(b""), ["z.png"], "error: z.png: empty file"),
+        (lambda d: (d / "t.png").write_text("hello"), ["t.png"], "error: t.png: not a readable image"),
+        (
+            lambda d: _png_claiming(d / "h.png", 9000, 8000),
+            ["h.png"],
+            "error: h.png: image is over the 64,000,000-pixel cap",
+        ),
+        (
+            lambda d: _png_claiming(d / "h.png", 20000, 20000),
+            ["h.png"],
+            "error: h.png: image is over the 64,000,000-pixel cap",
+        ),
+        (
+            lambda d: np.save(d / "w.npy", np.zeros((2, 27, 28))),
+            ["w.npy"],
+            "error: w.npy: expected shape N×28×28 or 28×28, got (2, 27, 28)",
+        ),
+        (
+            lambda d: np.save(d / "f.npy", np.full((28, 28), 2.0)),
+            ["f.npy"],
+            "error: f.npy: float pixels must be finite and in [0, 1]",
+        ),
+        (lambda d: (d / "p.npy").write_bytes(b"\x93NUMPY junk"), ["p.npy"], "error: p.npy: not a readable .npy array"),
+        (
+            lambda d: None,
+            ["pngs/000.png", "--model", "missing.keras"],
+            "error: missing.keras: model file not found; run the train stage first",
+        ),
+        (
+            lambda d: (d / "bad.keras").write_bytes(b"PK\x03\x04 not a zip"),
+            ["pngs/000.png", "--model", "bad.keras"],
+            "error: bad.keras: cannot load model",
+        ),
+        (
+            lambda d: _wrong_shape_model(d / "wrong.keras"),
+            ["pngs/000.png", "--model", "wrong.keras"],
+            "error: wrong.keras: model maps (32, 32) to (10,), expected 28×28 to 10 classes",
+        ),
+    ],
+    ids=[
+        "missing",
+        "empty-dir",
+        "zero-byte",
+        "not-image",
+        "huge",
+        "huger",
+        "npy-shape",
+        "npy-range",
+        "npy-corrupt",
+        "no-model",
+        "corrupt-model",
+        "wrong-model-shape",
+    ],
+)
+def test_predict_bad_input_is_one_line(trained: Path, tmp_path: Path, setup, args: list[str], message: str) -> None:
+    for link in ("pngs", "data"):
+        (tmp_path / link).symlink_to(trained / link)
+    setup(tmp_path)
+    result = run_module("stages.predict", *args, cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stdout == ""  # nothing printed for the good inputs either
+    assert result.stderr.startswith(message), result.stderr
+    assert len(result.stderr.splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+def test_predict_debug_shows_traceback(trained: Path) -> None:
+    result = run_module("stages.predict", "nope.png", "--debug", cwd=trained)
+    assert result.returncode == 1 and "Traceback" in result.stderr and "WardrobeError" in result.stderr
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.binary(max_size=2048))
+def test_image_loader_only_raises_our_error(tmp_path: Path, data: bytes) -> None:
+    path = tmp_path / "x.png"
+    path.write_bytes(data)
+    try:
+        out = load_image(path)
+    except WardrobeError:
+        return
+    assert out.shape == (28, 28)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(position=st.integers(0, 10_000), value=st.integers(0, 255))
+def test_mutated_png_only_raises_our_error(tmp_path: Path, position: int, value: int) -> None:
+    path = tmp_path / "m.png"
+    Image.fromarray(np.arange(28 * 28, dtype=np.uint8).reshape(28, 28)).save(path)
+    data = bytearray(path.read_bytes())
+    data[position % len(data)] = value
+    path.write_bytes(bytes(data))
+    with contextlib.suppress(WardrobeError):  # our error is fine; anything else fails the test
+        assert collect([path])[0].pixels.shape == (28, 28)

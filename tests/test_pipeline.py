@@ -57,6 +57,16 @@ def test_param_change_reruns_its_stage_and_downstream(
     assert repro(repo) == expected
 
 
+def test_only_the_selected_preset_is_a_dependency(project: tuple[Path, dict]) -> None:
+    repo, params = project
+    params["presets"]["long"]["epochs"] = 99  # not the selected preset (mlp)
+    write_params(repo, params)
+    assert repro(repo) == []
+    params["presets"]["mlp"]["dense_units"] = 64  # the selected one
+    write_params(repo, params)
+    assert repro(repo) == ["train", "evaluate"]
+
+
 def test_code_edit_reruns_only_its_stage(project: tuple[Path, dict]) -> None:
     repo, _ = project
     with (repo / "stages/evaluate.py").open("a") as handle:

@@ -80,6 +80,7 @@ def run_pipeline(preset: str, env: dict[str, str], work: Path) -> Row:
         # Same params, code and data as the committed run: determinism says same bytes.
         same = metrics_text == committed.read_text()
         detail += f"; metrics.json {'identical to' if same else 'DIFFERS from'} the committed one"
+    detail += f"; predict {predict_speed(project, env):.0f} images/s"
     return Row(
         f"pipeline `{preset}` (dvc repro)",
         sum(stage_times.values()),
@@ -92,9 +93,10 @@ def run_pipeline(preset: str, env: dict[str, str], work: Path) -> Row:
 PREDICT_SPEED = """
 import sys, time
 import numpy as np
+from pathlib import Path
 from stages.common import load_model
 from stages.predict import Item, predict
-model = load_model(sys.argv[1])
+model = load_model(Path(sys.argv[1]))
 x = np.load(sys.argv[2])
 items = [Item(str(i), image) for i, image in enumerate(x)]
 predict(model, items[:256], 256)  # warm-up (graph tracing)

@@ -184,9 +184,8 @@ def metrics_at(rev: str) -> dict:
 def validate(against: str | None) -> list[str]:
     """Every problem found, one line each; [] means the outputs can be trusted."""
     gates = load_params().validate
-    problems = [
-        f"{path}: declared output is missing" for path in declared_outputs(Path("dvc.yaml")) if not path.exists()
-    ]
+    outputs = declared_outputs(Path("dvc.yaml"))
+    problems = [f"{path}: declared output is missing" for path in outputs if not path.exists()]
     metrics = None
     if METRICS_PATH.exists():
         try:
@@ -204,7 +203,7 @@ def validate(against: str | None) -> list[str]:
     test_size = len(np.load(y_test, allow_pickle=False)) if y_test.exists() else None
     if all(path.exists() for path in CSV_COLUMNS):
         problems += check_csvs(test_size)
-    for path in declared_outputs(Path("dvc.yaml")):
+    for path in outputs:
         if path.suffix == ".png" and path.exists():
             problems += check_png(path)
     return problems + stale_stages()

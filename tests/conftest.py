@@ -122,3 +122,19 @@ def make_project(repo: Path, params: dict) -> Path:
     sh(repo, "git", "add", "-A")
     sh(repo, "git", "commit", "-qm", "project")
     return repo
+
+
+def run_module(module: str, *args: str, cwd: Path, timeout: float = 180) -> subprocess.CompletedProcess:
+    """Run `python -m module args` in `cwd` with this checkout importable, as DVC would."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def save_wrong_shape_model(path: Path) -> None:
+    """A valid Keras model that expects 32×32 inputs: loads fine, must be refused."""
+    import keras
+
+    inputs = keras.Input((32, 32))
+    keras.Model(inputs, keras.layers.Dense(10)(keras.layers.Flatten()(inputs))).save(path)

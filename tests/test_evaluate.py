@@ -1,9 +1,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +18,7 @@ from stages.evaluate import (
     per_class_scores,
     write_csv,
 )
-from tests.conftest import REPO
+from tests.conftest import run_module
 
 
 def test_confusion_matrix_rows_are_actual() -> None:
@@ -70,16 +67,11 @@ def test_confusion_rows_and_csv(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == [tmp_path / "c.csv"]  # no temp file left behind
 
 
-def _run(stage: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", f"stages.{stage}"], cwd=cwd, env=env, capture_output=True, text=True)
-
-
 def test_stages_end_to_end(tmp_path: Path, params_dict: dict) -> None:
     """prepare -> train -> evaluate on tiny data, without DVC: every output is written and sane."""
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params_dict))
     for stage in ("prepare", "train", "evaluate"):
-        result = _run(stage, tmp_path)
+        result = run_module(f"stages.{stage}", cwd=tmp_path)
         assert result.returncode == 0, result.stderr
     metrics = json.loads((tmp_path / "metrics/metrics.json").read_text())
     assert 0 <= metrics["accuracy"] <= 1 and len(metrics["per_class"]) == 10
@@ -99,7 +91,7 @@ def test_stages_end_to_end(tmp_path: Path, params_dict: dict) -> None:
 
 def test_evaluate_without_model_fails_cleanly(tmp_path: Path, params_dict: dict) -> None:
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params_dict))
-    result = _run("evaluate", tmp_path)
+    result = run_module("stages.evaluate", cwd=tmp_path)
     assert result.returncode == 1
     # TensorFlow's import banner may precede it (absl logs before InitializeLog ignore levels).
     assert result.stderr.splitlines()[-1] == (

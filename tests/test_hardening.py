@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 
 from stages.common import WardrobeError
 from stages.prepare import decompress, parse_idx
-from tests.conftest import REPO, idx_bytes
+from tests.conftest import REPO, idx_bytes, run_module, save_wrong_shape_model
 
 OUTPUTS = {
     "prepare": ["data/prepared/x_train.npy", "data/prepared/y_test.npy"],
@@ -36,10 +36,7 @@ OUTPUTS = {
 
 
 def run_stage(stage: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run(
-        [sys.executable, "-m", f"stages.{stage}"], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
-    )
+    return run_module(f"stages.{stage}", cwd=cwd, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -269,19 +266,15 @@ def test_killed_training_keeps_old_model_and_rerun_completes(work: Path, sig: si
 # ---- evaluate --------------------------------------------------------------------------------
 
 
-def _wrong_shape_model(path: Path) -> None:
-    import keras
-
-    inputs = keras.Input((32, 32))
-    keras.Model(inputs, keras.layers.Dense(10)(keras.layers.Flatten()(inputs))).save(path)
-
-
 @pytest.mark.parametrize(
     ("breakage", "message"),
     [
         (lambda w: (w / "data/model/model.keras").unlink(), "data/model/model.keras: model file not found"),
         (lambda w: (w / "data/model/model.keras").write_bytes(b"garbage"), "data/model/model.keras: cannot load model"),
-        (lambda w: _wrong_shape_model(w / "data/model/model.keras"), "model maps (32, 32) to (10,), expected 28×28"),
+        (
+            lambda w: save_wrong_shape_model(w / "data/model/model.keras"),
+            "model maps (32, 32) to (10,), expected 28×28",
+        ),
         (lambda w: (w / "data/prepared/x_test.npy").write_bytes(b"\x93NUMPY"), "cannot load split 'test'"),
     ],
     ids=["missing-model", "corrupt-model", "wrong-input-shape", "corrupt-data"],

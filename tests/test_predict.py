@@ -2,14 +2,10 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import struct
-import subprocess
-import sys
 import zlib
 from pathlib import Path
 
-import keras
 import numpy as np
 import pandas as pd
 import pytest
@@ -20,7 +16,7 @@ from PIL import Image
 
 from stages.common import WardrobeError
 from stages.predict import collect, load_image, to_training_format, top_k
-from tests.conftest import REPO
+from tests.conftest import run_module, save_wrong_shape_model
 
 
 def test_dark_28x28_is_taken_unchanged() -> None:
@@ -71,11 +67,6 @@ def trained(tmp_path_factory: pytest.TempPathFactory, idx_source: tuple[Path, di
     return work
 
 
-def run_module(module: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True)
-
-
 def test_predict_agrees_with_evaluate_on_exported_test_images(trained: Path) -> None:
     result = run_module("stages.predict", "pngs", "--json", "--top-k", "3", "--batch-size", "7", cwd=trained)
     assert result.returncode == 0, result.stderr
@@ -96,11 +87,6 @@ def test_predict_npy_and_text_output(trained: Path) -> None:
     lines = result.stdout.splitlines()
     assert [line.split(":")[0] for line in lines] == ["two.npy[0]", "two.npy[1]", "one.npy[0]"]
     assert lines[0].split(": ")[1] == lines[2].split(": ")[1]  # same image, uint8 or float
-
-
-def _wrong_shape_model(path: Path) -> None:
-    inputs = keras.Input((32, 32))
-    keras.Model(inputs, keras.layers.Dense(10)(keras.layers.Flatten()(inputs))).save(path)
 
 
 @pytest.mark.parametrize(
@@ -142,7 +128,7 @@ def _wrong_shape_model(path: Path) -> None:
             "error: bad.keras: cannot load model",
         ),
         (
-            lambda d: _wrong_shape_model(d / "wrong.keras"),
+            lambda d: save_wrong_shape_model(d / "wrong.keras"),
             ["pngs/000.png", "--model", "wrong.keras"],
             "error: wrong.keras: model maps (32, 32) to (10,), expected 28×28 to 10 classes",
         ),

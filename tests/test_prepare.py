@@ -2,9 +2,6 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +19,7 @@ from stages.prepare import (
     parse_idx,
     stratified_split,
 )
-from tests.conftest import REPO, TEST_PER_CLASS, TRAIN_PER_CLASS, idx_bytes
+from tests.conftest import TEST_PER_CLASS, TRAIN_PER_CLASS, idx_bytes, run_module
 
 
 def test_parse_idx_images_and_labels() -> None:
@@ -135,14 +132,9 @@ def test_fetch_failure_names_every_source(tmp_path: Path, params_dict: dict) -> 
     assert "\n" not in message
 
 
-def _run_stage(stage: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", f"stages.{stage}"], cwd=cwd, env=env, capture_output=True, text=True)
-
-
 def test_prepare_main_writes_split_arrays(tmp_path: Path, params_dict: dict) -> None:
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params_dict))
-    result = _run_stage("prepare", tmp_path)
+    result = run_module("stages.prepare", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     prepared = tmp_path / "data/prepared"
     assert sorted(p.name for p in prepared.iterdir()) == sorted(
@@ -160,11 +152,11 @@ def test_prepare_main_writes_split_arrays(tmp_path: Path, params_dict: dict) -> 
 
 def test_prepare_failure_keeps_previous_output(tmp_path: Path, params_dict: dict) -> None:
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params_dict))
-    assert _run_stage("prepare", tmp_path).returncode == 0
+    assert run_module("stages.prepare", cwd=tmp_path).returncode == 0
     before = (tmp_path / "data/prepared/x_train.npy").read_bytes()
     params_dict["prepare"]["sha256"]["t10k-images-idx3-ubyte"] = "0" * 64
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params_dict))
-    result = _run_stage("prepare", tmp_path)
+    result = run_module("stages.prepare", cwd=tmp_path)
     assert result.returncode == 1
     assert result.stderr.startswith("error: t10k-images-idx3-ubyte: no source worked; tried ")
     assert "SHA-256 mismatch" in result.stderr and "Traceback" not in result.stderr

@@ -86,8 +86,9 @@ class TrainParams:
     # AVX512_BF16/AMX, much slower without. auto picks it only where the CPU has those.
     precision: Literal["float32", "mixed_bfloat16", "auto"]
     # auto: MirroredStrategy when several GPUs are visible, else one device; mirrored: always
-    # MirroredStrategy. batch_size is per replica; the learning rate scales with replicas.
-    strategy: Literal["auto", "mirrored"]
+    # MirroredStrategy; multi_worker: MultiWorkerMirroredStrategy over the hosts in TF_CONFIG.
+    # batch_size is per replica; the learning rate scales with replicas.
+    strategy: Literal["auto", "mirrored", "multi_worker"]
     seed: int = field(metadata=NON_NEGATIVE)
 
     def __post_init__(self) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +24,14 @@ from stages.common import (
     run_main,
     seed_everything,
 )
+from stages.distribute import (
+    distribution_strategy,
+    fix_keras_for_multi_worker,
+    is_multi_worker,
+    lost_worker_error,
+    worker_name,
+    writes_outputs,
+)
 from stages.model import build_model
 from stages.params import TrainParams, load_params
 
@@ -32,17 +41,6 @@ class EpochFromOneCSVLogger(keras.callbacks.CSVLogger):
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         super().on_epoch_end(epoch + 1, logs)
-
-
-def distribution_strategy(name: str) -> tf.distribute.Strategy:
-    """auto: MirroredStrategy over several visible GPUs, else TensorFlow's default (one device).
-
-    No multi-worker option: Keras 3's fit() fails under MultiWorkerMirroredStrategy
-    (keras-team/keras#20585, open as of Keras 3.15), see README "Scaling out".
-    """
-    if name == "mirrored" or (name == "auto" and len(tf.config.list_logical_devices("GPU")) > 1):
-        return tf.distribute.MirroredStrategy()
-    return tf.distribute.get_strategy()
 
 
 def make_dataset(
@@ -64,8 +62,12 @@ def make_dataset(
             batch_labels = tf.one_hot(batch_labels, NUM_CLASSES)
         return tf.gather(images, idx), batch_labels
 
+    # Several workers each take their share of every batch (DATA); the default (AUTO) would
+    # first look for input files, find none, and fall back to DATA with a warning.
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     # A plain map: op determinism makes a parallel map sequential anyway (and TF logs an error).
-    return indices.batch(batch_size).map(gather).prefetch(tf.data.AUTOTUNE)
+    return indices.batch(batch_size).map(gather).prefetch(tf.data.AUTOTUNE).with_options(options)
 
 
 def cpu_has_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
@@ -126,13 +128,14 @@ def fit(
     val: tuple[np.ndarray, np.ndarray],
     history_csv: Path,
     verbose: int | str = "auto",
+    strategy: tf.distribute.Strategy | None = None,
 ) -> keras.Model:
     """Train and return the model; raises WardrobeError if the loss diverges (no model is kept).
 
     `train.batch_size` is per replica: the global batch is batch_size × replicas and the
     learning rate is scaled by the replica count (linear scaling), so one replica is unchanged.
     """
-    strategy = distribution_strategy(params.strategy)
+    strategy = strategy or distribution_strategy(params.strategy)
     seed_everything(params.seed)
     replicas = strategy.num_replicas_in_sync
     global_batch = params.batch_size * replicas
@@ -144,6 +147,8 @@ def fit(
     with strategy.scope(), dtype_policy(resolve_precision(params.precision)):
         model = build_model(params)
         compile_model(model, params, steps_per_epoch=math.ceil(len(train[0]) / global_batch))
+    if is_multi_worker(strategy):
+        fix_keras_for_multi_worker(model, train_ds)
     callbacks = [EpochFromOneCSVLogger(str(history_csv)), keras.callbacks.TerminateOnNaN()]
     if params.early_stopping_patience:
         callbacks.append(
@@ -152,9 +157,12 @@ def fit(
             )
         )
     # shuffle=False: the dataset shuffles itself (seeded); Keras can't shuffle a tf.data input.
-    history = model.fit(
-        train_ds, validation_data=val_ds, epochs=params.epochs, callbacks=callbacks, verbose=verbose, shuffle=False
-    )
+    try:
+        history = model.fit(
+            train_ds, validation_data=val_ds, epochs=params.epochs, callbacks=callbacks, verbose=verbose, shuffle=False
+        )
+    except tf.errors.UnavailableError as error:  # only collective ops across workers raise it
+        raise lost_worker_error(error) from None
     losses = history.history.get("loss", [])
     if not losses or not np.all(np.isfinite(losses)):
         raise WardrobeError(
@@ -166,11 +174,18 @@ def fit(
 
 def main() -> None:
     params = load_params().train
+    strategy = distribution_strategy(params.strategy)  # first: it may set up a cluster
     train = load_split(PREPARED_DIR, "train")
     val = load_split(PREPARED_DIR, "val")
+    if not writes_outputs(strategy):
+        # Another worker of a cluster: trains in lockstep with the chief, which writes the model.
+        with tempfile.TemporaryDirectory() as scratch:
+            fit(params, train, val, Path(scratch) / "history.csv", verbose=2, strategy=strategy)
+        print(f"train: {worker_name(strategy)} done; the chief writes {MODEL_PATH} and {HISTORY_CSV}")
+        return
     # Both outputs are written to temp files and renamed only after a successful fit.
     with atomic_path(HISTORY_CSV) as history_tmp, atomic_path(MODEL_PATH) as model_tmp:
-        model = fit(params, train, val, history_tmp, verbose=2)
+        model = fit(params, train, val, history_tmp, verbose=2, strategy=strategy)
         model.save(model_tmp)
     print(f"train: wrote {MODEL_PATH} and {HISTORY_CSV}")
 

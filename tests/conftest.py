@@ -124,11 +124,22 @@ def make_project(repo: Path, params: dict) -> Path:
     return repo
 
 
-def run_module(module: str, *args: str, cwd: Path, timeout: float = 180) -> subprocess.CompletedProcess:
+def module_env(**extra: str) -> dict[str, str]:
+    """The environment DVC would give a stage: this checkout importable, plus `extra`."""
+    return {**os.environ, "PYTHONPATH": str(REPO), **extra}
+
+
+def run_module(
+    module: str, *args: str, cwd: Path, timeout: float = 180, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     """Run `python -m module args` in `cwd` with this checkout importable, as DVC would."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.run(
-        [sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", module, *args],
+        cwd=cwd,
+        env=env or module_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 

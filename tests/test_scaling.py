@@ -1,5 +1,5 @@
 """Beyond one machine, for real on loopback: DVC remotes (a directory and an S3-compatible
-server) and the distribution strategy code path."""
+server), the one-machine strategies, and two MultiWorkerMirroredStrategy workers."""
 
 from __future__ import annotations
 
@@ -108,9 +108,10 @@ def test_mirrored_strategy_trains(tmp_path: Path, idx_source: tuple[Path, dict[s
 
     import tensorflow as tf
 
+    from stages.distribute import distribution_strategy
     from stages.params import parse_params
     from stages.prepare import normalize
-    from stages.train import distribution_strategy, fit
+    from stages.train import fit
     from tests.conftest import synthetic_images
 
     params = dataclasses.replace(parse_params(tiny_params(*idx_source)).train, strategy="mirrored", epochs=2)

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import tempfile
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import keras
 import numpy as np
@@ -172,6 +175,38 @@ def fit(
     return model
 
 
+def save_model(model: keras.Model, path: Path) -> None:
+    """model.save, minus what makes equal models differ in bytes, so DVC's hash of it is stable.
+
+    Keras writes the save time into metadata.json, numbers shared objects in config.json by
+    their memory address, and dates zip entries with the clock; the weights are already exact.
+    """
+    model.save(path)
+    with zipfile.ZipFile(path) as archive:
+        entries = [(info, archive.read(info)) for info in archive.infolist()]
+    with zipfile.ZipFile(path, "w") as archive:
+        for info, data in entries:
+            if info.filename == "metadata.json":
+                data = json.dumps({k: v for k, v in json.loads(data).items() if k != "date_saved"}).encode()
+            elif info.filename == "config.json":
+                data = json.dumps(renumber_shared_objects(json.loads(data), {})).encode()
+            archive.writestr(zipfile.ZipInfo(info.filename), data, compress_type=info.compress_type)
+
+
+def renumber_shared_objects(config: Any, numbers: dict[int, int]) -> Any:
+    """Replace each `shared_object_id` (an id() in Keras) by its order of first appearance."""
+    if isinstance(config, dict):
+        return {
+            key: numbers.setdefault(value, len(numbers) + 1)
+            if key == "shared_object_id"
+            else renumber_shared_objects(value, numbers)
+            for key, value in config.items()
+        }
+    if isinstance(config, list):
+        return [renumber_shared_objects(value, numbers) for value in config]
+    return config
+
+
 def main() -> None:
     params = load_params().train
     strategy = distribution_strategy(params.strategy)  # first: it may set up a cluster
@@ -186,7 +221,7 @@ def main() -> None:
     # Both outputs are written to temp files and renamed only after a successful fit.
     with atomic_path(HISTORY_CSV) as history_tmp, atomic_path(MODEL_PATH) as model_tmp:
         model = fit(params, train, val, history_tmp, verbose=2, strategy=strategy)
-        model.save(model_tmp)
+        save_model(model, model_tmp)
     print(f"train: wrote {MODEL_PATH} and {HISTORY_CSV}")
 
 

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import zipfile
 from pathlib import Path
 
 import keras
@@ -8,10 +10,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from stages.common import WardrobeError
+from stages.common import WardrobeError, load_model
 from stages.params import parse_params
 from stages.prepare import normalize
-from stages.train import cpu_has_bf16, dtype_policy, fit, make_dataset, resolve_precision
+from stages.train import cpu_has_bf16, dtype_policy, fit, make_dataset, resolve_precision, save_model
 from tests.conftest import synthetic_images
 
 
@@ -74,11 +76,24 @@ def test_fit_writes_history_from_epoch_one(tmp_path: Path, data, params) -> None
 )
 def test_fit_is_deterministic(tmp_path: Path, data, params, overrides: dict) -> None:
     params = dataclasses.replace(params, **overrides)
+    # clear_session: as in a new train process, layer names restart (dense, not dense_1).
+    keras.backend.clear_session()
     first = fit(params, *data, tmp_path / "a.csv", verbose=0)
+    keras.backend.clear_session()
     second = fit(params, *data, tmp_path / "b.csv", verbose=0)
     for a, b in zip(first.get_weights(), second.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
     assert (tmp_path / "a.csv").read_text() == (tmp_path / "b.csv").read_text()
+    # Equal models, equal files: no save time, no memory addresses, no clock in the zip.
+    save_model(first, tmp_path / "a.keras")
+    save_model(second, tmp_path / "b.keras")
+    assert (tmp_path / "a.keras").read_bytes() == (tmp_path / "b.keras").read_bytes()
+    with zipfile.ZipFile(tmp_path / "a.keras") as archive:  # saved in the same second, so check these
+        assert json.loads(archive.read("metadata.json")) == {"keras_version": keras.__version__}
+        assert {info.date_time for info in archive.infolist()} == {(1980, 1, 1, 0, 0, 0)}
+    np.testing.assert_array_equal(
+        load_model(tmp_path / "a.keras").predict(data[1][0], verbose=0), first.predict(data[1][0], verbose=0)
+    )
 
 
 def test_diverging_loss_is_an_error(tmp_path: Path, data, params) -> None:

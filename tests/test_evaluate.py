@@ -116,4 +116,5 @@ def test_flip_tta_only_for_flip_trained_models() -> None:
     x = np.random.default_rng(0).random((3, 28, 28), dtype=np.float32)
     averaged = predict_proba(plain, x, 2, flip_tta=True)
     expected = (plain.predict(x, verbose=0) + plain.predict(x[:, :, ::-1], verbose=0)) / 2
-    np.testing.assert_allclose(averaged, expected, rtol=1e-6)
+    # Other batch sizes take other oneDNN kernels: equal to a few float32 ulps, not bit for bit.
+    np.testing.assert_allclose(averaged, expected, rtol=1e-5)

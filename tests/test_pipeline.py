@@ -87,7 +87,8 @@ def test_mistyped_param_reruns_and_fails_naming_the_key(project: tuple[Path, dic
 def test_metrics_diff_reports_accuracy_change(project: tuple[Path, dict]) -> None:
     repo, params = project
     # DVC removed train's outputs before the failed run; the lock still describes the good ones.
-    assert repro(repo) == ["train", "evaluate"]
+    # Train re-runs and writes the very same model bytes, so evaluate stays up to date.
+    assert repro(repo) == ["train"]
     sh(repo, "git", "add", "-A")
     sh(repo, "git", "commit", "-qm", "one epoch")
     before = json.loads((repo / "metrics/metrics.json").read_text())["accuracy"]

@@ -6,7 +6,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 from PIL import Image
 
 from stages.common import CLASS_NAMES
@@ -18,7 +17,7 @@ from stages.evaluate import (
     per_class_scores,
     write_csv,
 )
-from tests.conftest import run_module
+from tests.conftest import run_module, write_params
 
 
 def test_confusion_matrix_rows_are_actual() -> None:
@@ -69,7 +68,7 @@ def test_confusion_rows_and_csv(tmp_path: Path) -> None:
 
 def test_stages_end_to_end(tmp_path: Path, params_dict: dict) -> None:
     """prepare -> train -> evaluate on tiny data, without DVC: every output is written and sane."""
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params_dict))
+    write_params(tmp_path, params_dict)
     for stage in ("prepare", "train", "evaluate"):
         result = run_module(f"stages.{stage}", cwd=tmp_path)
         assert result.returncode == 0, result.stderr
@@ -90,7 +89,7 @@ def test_stages_end_to_end(tmp_path: Path, params_dict: dict) -> None:
 
 
 def test_evaluate_without_model_fails_cleanly(tmp_path: Path, params_dict: dict) -> None:
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params_dict))
+    write_params(tmp_path, params_dict)
     result = run_module("stages.evaluate", cwd=tmp_path)
     assert result.returncode == 1
     # TensorFlow's import banner may precede it (absl logs before InitializeLog ignore levels).

@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 from stages.common import WardrobeError
 from stages.distribute import check_tf_config
 from stages.prepare import decompress, parse_idx
-from tests.conftest import REPO, idx_bytes, module_env, run_module, save_wrong_shape_model
+from tests.conftest import REPO, idx_bytes, module_env, run_module, save_wrong_shape_model, write_params
 
 OUTPUTS = {
     "prepare": ["data/prepared/x_train.npy", "data/prepared/y_test.npy"],
@@ -47,7 +47,7 @@ def done(tmp_path_factory: pytest.TempPathFactory, idx_source: tuple[Path, dict[
     from tests.conftest import tiny_params
 
     work = tmp_path_factory.mktemp("done")
-    (work / "params.yaml").write_text(yaml.safe_dump(tiny_params(*idx_source)))
+    write_params(work, tiny_params(*idx_source))
     for stage in ("prepare", "train", "evaluate"):
         assert run_stage(stage, work).returncode == 0
     return work
@@ -78,7 +78,7 @@ def assert_failed_cleanly(result: subprocess.CompletedProcess, message: str, bef
 def edit_params(work: Path, change: Callable[[dict], None]) -> None:
     params = yaml.safe_load((work / "params.yaml").read_text())
     change(params)
-    (work / "params.yaml").write_text(yaml.safe_dump(params))
+    write_params(work, params)
 
 
 PARAM_CASES = [
@@ -169,7 +169,7 @@ def test_bad_data_fails_prepare_cleanly(work: Path, idx_source: tuple[Path, dict
     params["prepare"]["sources"] = [str(source)]
     breakage, message = DATA_CASES[case]
     breakage(source, params)
-    (work / "params.yaml").write_text(yaml.safe_dump(params))
+    write_params(work, params)
     before = snapshot(work)
     assert_failed_cleanly(run_stage("prepare", work), message, before, work)
 

@@ -9,14 +9,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
 from stages.common import WardrobeError
 from stages.predict import collect, load_image, to_training_format, top_k
-from tests.conftest import run_module, save_wrong_shape_model
+from tests.conftest import run_module, save_wrong_shape_model, write_params
 
 
 def test_dark_28x28_is_taken_unchanged() -> None:
@@ -57,7 +56,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory, idx_source: tuple[Path, di
     from tests.conftest import tiny_params
 
     work = tmp_path_factory.mktemp("predict")
-    (work / "params.yaml").write_text(yaml.safe_dump(tiny_params(*idx_source)))
+    write_params(work, tiny_params(*idx_source))
     for stage in ("prepare", "train", "evaluate"):
         assert run_module(f"stages.{stage}", cwd=work).returncode == 0
     x_test = np.load(work / "data/prepared/x_test.npy")

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
 from stages.common import WardrobeError, load_split
 from stages.params import parse_params
@@ -19,7 +18,7 @@ from stages.prepare import (
     parse_idx,
     stratified_split,
 )
-from tests.conftest import TEST_PER_CLASS, TRAIN_PER_CLASS, idx_bytes, run_module
+from tests.conftest import TEST_PER_CLASS, TRAIN_PER_CLASS, idx_bytes, run_module, write_params
 
 
 def test_parse_idx_images_and_labels() -> None:
@@ -133,7 +132,7 @@ def test_fetch_failure_names_every_source(tmp_path: Path, params_dict: dict) -> 
 
 
 def test_prepare_main_writes_split_arrays(tmp_path: Path, params_dict: dict) -> None:
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params_dict))
+    write_params(tmp_path, params_dict)
     result = run_module("stages.prepare", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     prepared = tmp_path / "data/prepared"
@@ -151,11 +150,11 @@ def test_prepare_main_writes_split_arrays(tmp_path: Path, params_dict: dict) -> 
 
 
 def test_prepare_failure_keeps_previous_output(tmp_path: Path, params_dict: dict) -> None:
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params_dict))
+    write_params(tmp_path, params_dict)
     assert run_module("stages.prepare", cwd=tmp_path).returncode == 0
     before = (tmp_path / "data/prepared/x_train.npy").read_bytes()
     params_dict["prepare"]["sha256"]["t10k-images-idx3-ubyte"] = "0" * 64
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params_dict))
+    write_params(tmp_path, params_dict)
     result = run_module("stages.prepare", cwd=tmp_path)
     assert result.returncode == 1
     assert result.stderr.startswith("error: t10k-images-idx3-ubyte: no source worked; tried ")

@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from stages.common import HISTORY_CSV, MODEL_PATH, load_model
-from tests.conftest import REPO, make_project, module_env, repro, run_module, sh, tiny_params
+from tests.conftest import REPO, make_project, module_env, repro, run_module, sh, tiny_params, write_params
 
 
 def free_port() -> int:
@@ -128,7 +128,7 @@ def two_host_projects(tmp_path: Path, params: dict) -> tuple[Path, Path]:
     """Two copies of a prepared tiny project, as on two hosts (same commit, same data/prepared)."""
     chief = tmp_path / "host0"
     chief.mkdir()
-    (chief / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    write_params(chief, params)
     assert run_module("stages.prepare", cwd=chief).returncode == 0
     shutil.copytree(chief, tmp_path / "host1")
     return chief, tmp_path / "host1"
@@ -183,7 +183,7 @@ def test_two_workers_train_what_one_process_trains(tmp_path: Path, idx_source: t
     shutil.copytree(chief, single)
     mlp_learning_rate = yaml.safe_load((REPO / "params.yaml").read_text())["presets"]["mlp"]["learning_rate"]
     single_train = {**params["train"], "strategy": "auto", "batch_size": 30, "learning_rate": 2 * mlp_learning_rate}
-    (single / "params.yaml").write_text(yaml.safe_dump({**params, "train": single_train}, sort_keys=False))
+    write_params(single, {**params, "train": single_train})
 
     with killed_at_exit(start_workers(chief, worker)) as workers:
         outputs = [process.communicate(timeout=240) for process in workers]

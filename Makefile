@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 DATASET_DIR := /usr/share/datasets/fashion-mnist
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: venv dataset repro test lint format bench ci ci-steps validate report release clean
+.PHONY: venv dataset params repro test lint format bench ci ci-steps validate report release clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -24,6 +24,10 @@ dataset:
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist) >/dev/null 2>&1 \
 			|| echo "dataset-fashion-mnist not installed; prepare will try the mirrors"; \
 	fi
+
+# params.yaml from conf/ (Hydra), as `dvc exp run` composes it, without running anything.
+params: venv
+	$(PY) -m stages.params
 
 repro: venv dataset
 	dvc repro

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from stages.common import PREPARED_DIR, load_split, predict_proba
-from stages.params import TrainParams, load_params
+from stages.params import TrainParams, load_section
 from stages.train import fit
 
 
@@ -40,7 +40,7 @@ def run_variant(base: TrainParams, overrides: dict, data: dict) -> dict:
 
 def main() -> None:
     out = Path(sys.argv[1])
-    base = load_params().train
+    base = load_section(TrainParams)
     data = {split: load_split(PREPARED_DIR, split) for split in ("train", "val", "test")}
     for spec in sys.argv[2:]:
         result = run_variant(base, json.loads(spec), data)

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import yaml
 
+from stages.params import compose
+
 REPO = Path(__file__).resolve().parent.parent
 DATA_DIR = Path("/usr/share/datasets/fashion-mnist")
 
@@ -58,15 +60,15 @@ def run_original(env: dict[str, str], work: Path) -> Row:
 def run_pipeline(preset: str, env: dict[str, str], work: Path) -> Row:
     project = work / preset
     project.mkdir()
-    for item in ("stages", "dvc.yaml", "params.yaml", ".dvc"):
+    for item in ("stages", "conf", "dvc.yaml", "params.yaml", ".dvc"):
         source = REPO / item
         ignore = shutil.ignore_patterns("__pycache__", "tmp", "cache", "config.local")
         (shutil.copytree if source.is_dir() else shutil.copy)(
             source, project / item, **({"ignore": ignore} if source.is_dir() else {})
         )
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    params["train"] = {"preset": preset}
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    # params.yaml as `dvc exp run -S train=RECIPE` composes it from conf/
+    params_text = compose(project / "conf", [f"train={preset}"])
+    (project / "params.yaml").write_text(params_text)
     subprocess.run(["git", "init", "-q"], cwd=project, check=True)
     stage_times, stage_rss = {}, {}
     for stage in ("prepare", "train", "evaluate"):
@@ -76,7 +78,7 @@ def run_pipeline(preset: str, env: dict[str, str], work: Path) -> Row:
     accuracy = json.loads(metrics_text)["accuracy"]
     detail = ", ".join(f"{s} {t:.0f} s" for s, t in stage_times.items())
     committed = REPO / "metrics/metrics.json"
-    if params == yaml.safe_load((REPO / "params.yaml").read_text()) and committed.exists():
+    if params_text == (REPO / "params.yaml").read_text() and committed.exists():
         # Same params, code and data as the committed run: determinism says same bytes.
         same = metrics_text == committed.read_text()
         detail += f"; metrics.json {'identical to' if same else 'DIFFERS from'} the committed one"
@@ -138,7 +140,8 @@ def table(rows: list[Row]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    default_preset = yaml.safe_load((REPO / "params.yaml").read_text())["train"]["preset"]
+    defaults = yaml.safe_load((REPO / "conf/config.yaml").read_text())["defaults"]
+    default_preset = next(entry["train"] for entry in defaults if isinstance(entry, dict) and "train" in entry)
     parser.add_argument(
         "--presets", nargs="+", default=["mlp", default_preset], help=f"presets to run (default: mlp {default_preset})"
     )

@@ -32,7 +32,7 @@ from stages.common import (
     wants_flip_tta,
     write_json_atomic,
 )
-from stages.params import load_params
+from stages.params import EvaluateParams, load_section
 
 DIGITS = 6
 
@@ -151,7 +151,7 @@ def plot_predictions(x: np.ndarray, y_true: np.ndarray, y_pred: np.ndarray, grid
 
 
 def main() -> None:
-    params = load_params().evaluate
+    params = load_section(EvaluateParams)
     model = load_model(MODEL_PATH)
     x_test, y_test = load_split(PREPARED_DIR, "test")
     x_val, y_val = load_split(PREPARED_DIR, "val")

@@ -45,16 +45,17 @@ def _augmentation(x: keras.KerasTensor, params: TrainParams) -> keras.KerasTenso
 
 def _conv_trunk(x: keras.KerasTensor, params: TrainParams) -> keras.KerasTensor:
     """Conv-BN-ReLU blocks, each halving the resolution; BN lets a high learning rate converge fast."""
+    assert params.filters and params.convs_per_block and params.bn_momentum, "the schema requires them for cnn"
     x = keras.layers.Reshape((*IMAGE_SHAPE, 1))(x)
     for filters, convs in zip(params.filters, params.convs_per_block, strict=True):
         for _ in range(convs):
             x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False)(x)
-            x = keras.layers.BatchNormalization()(x)
+            x = keras.layers.BatchNormalization(momentum=params.bn_momentum)(x)
             x = keras.layers.ReLU()(x)
         x = keras.layers.MaxPooling2D()(x)
     x = keras.layers.Flatten()(x)
     x = keras.layers.Dropout(params.dropout, seed=params.seed)(x)
     x = keras.layers.Dense(params.dense_units, use_bias=False)(x)
-    x = keras.layers.BatchNormalization()(x)
+    x = keras.layers.BatchNormalization(momentum=params.bn_momentum)(x)
     x = keras.layers.ReLU()(x)
     return keras.layers.Dropout(params.dropout, seed=params.seed + 1)(x)

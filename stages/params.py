@@ -1,23 +1,29 @@
 """The one typed schema of params.yaml, validated at load so a typo fails loudly with the key's name.
 
-`dvc exp run -S section.key=value` adds unknown keys silently; every stage depends on its whole
-section, so such a key re-runs the stage and `load_params` rejects it here, naming it.
+params.yaml is composed from conf/ by DVC's Hydra integration at every `dvc exp run` (`compose`
+below does the same for `make params` and for validate's check that the two agree), so it holds
+the complete, resolved recipe: every key is there for `-S train.KEY=VALUE`, and `dvc params diff`
+shows each key a recipe switch (`-S train=long`) changed. Each stage depends on its whole section,
+so a key added by hand re-runs the stage and `load_section` rejects it here, naming it.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import types
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
-from stages.common import WardrobeError
+from stages.common import WardrobeError, run_main, write_text_atomic
 
 PARAMS_FILE = Path("params.yaml")
+CONF_DIR = Path("conf")
 IDX_FILES = (
     "train-images-idx3-ubyte",
     "train-labels-idx1-ubyte",
@@ -58,13 +64,16 @@ class PrepareParams:
     max_download_mb: float = field(metadata=POSITIVE)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TrainParams:
     arch: Literal["mlp", "cnn"]
     # cnn only: one block per entry, each convs_per_block[i] × (3×3 conv of filters[i], BN, ReLU)
     # then 2×2 max-pool. Extra convs are cheapest in the later, smaller blocks.
-    filters: tuple[int, ...] = field(metadata=POSITIVE_INTS)
-    convs_per_block: tuple[int, ...] = field(metadata=POSITIVE_INTS)
+    filters: tuple[int, ...] | None = field(default=None, metadata={**POSITIVE_INTS, "arch": "cnn"})
+    convs_per_block: tuple[int, ...] | None = field(default=None, metadata={**POSITIVE_INTS, "arch": "cnn"})
+    # cnn only: BatchNormalization's moving-average momentum (Keras' default 0.99). Its inference
+    # statistics need ~1/(1 - momentum) × a few steps to settle: lower it for very short runs.
+    bn_momentum: float | None = field(default=None, metadata={**FRACTION, "arch": "cnn"})
     dense_units: int = field(metadata=POSITIVE)
     dropout: float = field(metadata=PROBABILITY)
     epochs: int = field(metadata=POSITIVE)
@@ -92,7 +101,7 @@ class TrainParams:
     seed: int = field(metadata=NON_NEGATIVE)
 
     def __post_init__(self) -> None:
-        if len(self.convs_per_block) != len(self.filters):
+        if self.filters and self.convs_per_block and len(self.convs_per_block) != len(self.filters):
             raise WardrobeError(
                 f"convs_per_block: needs one entry per filters entry ({len(self.filters)}), "
                 f"got {len(self.convs_per_block)}"
@@ -126,44 +135,103 @@ class Params:
     train: TrainParams
     evaluate: EvaluateParams
     validate: ValidateParams
-    preset: str
+
+
+Section = typing.TypeVar("Section", PrepareParams, TrainParams, EvaluateParams, ValidateParams)
 
 
 def load_params(path: Path = PARAMS_FILE) -> Params:
-    """Read and validate params.yaml; every problem is a WardrobeError naming file and key."""
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise WardrobeError(f"{path}: cannot read params file: {exc.strerror}") from exc
-    except yaml.YAMLError as exc:
-        raise WardrobeError(f"{path}: malformed YAML: {' '.join(str(exc).split())}") from exc
+    """Read and validate all of params.yaml (CI's validate does); a problem names file and key."""
+    raw = _read(path)
     try:
         return parse_params(raw)
     except WardrobeError as exc:
         raise WardrobeError(f"{path}: {exc}") from exc
 
 
+def load_section(cls: type[Section], path: Path = PARAMS_FILE) -> Section:
+    """One section, validated alone: a stage checks exactly the params DVC re-runs it for
+    (its `params:` in dvc.yaml), so a typo in another stage's section cannot stop it."""
+    name = next(name for name, section in typing.get_type_hints(Params).items() if section is cls)
+    raw = _read(path)
+    try:
+        sections = _sections(raw)
+        return _build(cls, _required(sections, name, ""), name)
+    except WardrobeError as exc:
+        raise WardrobeError(f"{path}: {exc}") from exc
+
+
 def parse_params(raw: Any) -> Params:
-    """Validate a params mapping: the `train` section picks a preset and overrides its keys."""
-    sections = _as_mapping(raw, "params")
-    _reject_unknown(sections, {"prepare", "train", "evaluate", "validate", "presets"}, "")
-    presets = _as_mapping(_required(sections, "presets", ""), "presets")
-    train_raw = dict(_as_mapping(_required(sections, "train", ""), "train"))
-    preset = train_raw.pop("preset", None)
-    if preset not in presets:
-        raise WardrobeError(f"train.preset: {preset!r} is not one of {sorted(presets)}")
-    for name, values in presets.items():
-        _build(TrainParams, values, f"presets.{name}")
-    train_fields = {f.name for f in dataclasses.fields(TrainParams)}
-    _reject_unknown(train_raw, train_fields, "train.")
-    merged = {**_as_mapping(presets[preset], f"presets.{preset}"), **train_raw}
+    """Validate a whole params mapping (the composed params.yaml)."""
+    sections = _sections(raw)
     return Params(
-        prepare=_build(PrepareParams, _required(sections, "prepare", ""), "prepare"),
-        train=_build(TrainParams, merged, "train"),
-        evaluate=_build(EvaluateParams, _required(sections, "evaluate", ""), "evaluate"),
-        validate=_build(ValidateParams, _required(sections, "validate", ""), "validate"),
-        preset=preset,
+        **{
+            name: _build(cls, _required(sections, name, ""), name)
+            for name, cls in typing.get_type_hints(Params).items()
+        }
     )
+
+
+def _read(path: Path) -> Any:
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise WardrobeError(f"{path}: cannot read params file: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise WardrobeError(f"{path}: malformed YAML: {' '.join(str(exc).split())}") from exc
+
+
+def _sections(raw: Any) -> Mapping[str, Any]:
+    sections = _as_mapping(raw, "params")
+    _reject_unknown(sections, set(typing.get_type_hints(Params)), "")
+    return sections
+
+
+def compose(conf_dir: Path = CONF_DIR, overrides: Sequence[str] = ()) -> str:
+    """params.yaml as DVC writes it for `dvc exp run -S OVERRIDE...` (DVC's Hydra composition:
+    compose conf/config.yaml with the overrides, resolve, dump with OmegaConf)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        with initialize_config_dir(str(conf_dir.resolve()), version_base=None):
+            config = hydra_compose(config_name="config", overrides=list(overrides))
+        OmegaConf.resolve(config)
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise WardrobeError(f"{conf_dir}: cannot compose params: {' '.join(str(exc).split())}") from exc
+    return OmegaConf.to_yaml(config)
+
+
+MISSING = "(missing)"
+
+
+def disagreements(params: Any, composed: Any, where: str = "") -> list[tuple[str, Any, Any]]:
+    """(key, value in params.yaml, value conf/ composes) for each key where the two differ."""
+    if isinstance(params, Mapping) and isinstance(composed, Mapping):
+        keys = list(composed) + [key for key in params if key not in composed]
+        return [
+            difference
+            for key in keys
+            for difference in disagreements(params.get(key, MISSING), composed.get(key, MISSING), f"{where}{key}.")
+        ]
+    return [] if params == composed else [(where.rstrip("."), params, composed)]
+
+
+def main() -> None:
+    """`python -m stages.params [OVERRIDE...]` (`make params`): write params.yaml from conf/, as
+    `dvc exp run` would, without running anything; refuse a composition that does not validate."""
+    parser = argparse.ArgumentParser(description="Compose params.yaml from conf/ (Hydra), as dvc exp run does.")
+    parser.add_argument("overrides", nargs="*", metavar="OVERRIDE", help="e.g. train=long train.epochs=10")
+    text = compose(CONF_DIR, parser.parse_args().overrides)
+    try:
+        parse_params(yaml.safe_load(text))
+    except WardrobeError as exc:
+        raise WardrobeError(f"{CONF_DIR}: composed params: {exc}") from exc
+    write_text_atomic(PARAMS_FILE, text)
+    print(f"params: wrote {PARAMS_FILE} from {CONF_DIR}/")
 
 
 def _build(cls: type, raw: Any, where: str) -> Any:
@@ -174,6 +242,11 @@ def _build(cls: type, raw: Any, where: str) -> Any:
     kwargs = {}
     for name, fld in fields.items():
         key = f"{where}.{name}"
+        only_for = fld.metadata.get("arch")
+        if only_for is not None and values.get("arch") != only_for:
+            if name in values:
+                raise WardrobeError(f"{key}: only arch {only_for} uses it, not {values.get('arch')}; remove it")
+            continue  # keeps the dataclass default (None)
         value = _coerce(_required(values, name, f"{where}."), hints[name], key)
         check: Check | None = fld.metadata.get("check")
         if check and not check[0](value):
@@ -187,6 +260,8 @@ def _build(cls: type, raw: Any, where: str) -> Any:
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is types.UnionType:  # `X | None`: the key is optional by arch, but never null
+        return _coerce(value, next(arg for arg in args if arg is not type(None)), key)
     if origin is Literal:
         if value not in args:
             raise WardrobeError(f"{key}: {value!r} is not one of {list(args)}")
@@ -222,3 +297,7 @@ def _reject_unknown(values: Mapping[str, Any], allowed: set[str], prefix: str) -
     unknown = sorted(set(values) - allowed)
     if unknown:
         raise WardrobeError(f"{prefix}{unknown[0]}: unknown key (allowed: {', '.join(sorted(allowed))})")
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from stages.common import PREPARED_DIR, WardrobeError, run_main
-from stages.params import PrepareParams, load_params
+from stages.params import PrepareParams, load_section
 
 IDX_DTYPE_UBYTE = 0x08
 # The largest file (train images) is 47 MB decompressed; anything far bigger is not ours.
@@ -185,7 +185,7 @@ def save_arrays(arrays: dict[str, np.ndarray], out_dir: Path) -> None:
 
 
 def main() -> None:
-    params = load_params().prepare
+    params = load_section(PrepareParams)
     arrays = load_dataset(params)
     save_arrays(arrays, PREPARED_DIR)
     sizes = ", ".join(f"{split} {len(arrays[f'y_{split}'])}" for split in ("train", "val", "test"))

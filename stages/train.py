@@ -36,7 +36,7 @@ from stages.distribute import (
     writes_outputs,
 )
 from stages.model import build_model
-from stages.params import TrainParams, load_params
+from stages.params import TrainParams, load_section
 
 
 class EpochFromOneCSVLogger(keras.callbacks.CSVLogger):
@@ -208,7 +208,7 @@ def renumber_shared_objects(config: Any, numbers: dict[int, int]) -> Any:
 
 
 def main() -> None:
-    params = load_params().train
+    params = load_section(TrainParams)
     strategy = distribution_strategy(params.strategy)  # first: it may set up a cluster
     train = load_split(PREPARED_DIR, "train")
     val = load_split(PREPARED_DIR, "val")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import gzip
 import hashlib
 import os
@@ -16,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+
+from stages.params import compose
 
 REPO = Path(__file__).resolve().parent.parent
 TRAIN_PER_CLASS = 12
@@ -31,10 +34,12 @@ def idx_bytes(array: np.ndarray) -> bytes:
 def synthetic_images(per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Noisy copies of one random template per class: learnable, but not perfectly in one epoch.
 
-    Like Fashion-MNIST, the garment is light on a black frame (predict relies on that look).
+    Like Fashion-MNIST, the garment is light on a black frame (predict relies on that look) and
+    left-right symmetric, so a horizontal flip keeps its class (the default recipe trains with flips).
     """
     templates = np.zeros((10, 28, 28))
-    templates[:, 4:24, 4:24] = np.random.default_rng(0).integers(0, 256, size=(10, 20, 20))
+    left_half = np.random.default_rng(0).integers(0, 256, size=(10, 20, 10))
+    templates[:, 4:24, 4:24] = np.concatenate([left_half, left_half[:, :, ::-1]], axis=2)
     rng = np.random.default_rng(seed)
     labels = np.tile(np.arange(10, dtype=np.uint8), per_class)
     noise = rng.normal(0, 110, size=(len(labels), 28, 28))
@@ -66,17 +71,49 @@ def idx_source(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str
     return directory, write_idx_dir(directory)
 
 
-def tiny_params(source: Path, hashes: dict[str, str]) -> dict:
-    """The project's params.yaml, pointed at the synthetic source and shrunk to seconds."""
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["prepare"]["sources"] = [str(source)]
-    params["prepare"]["sha256"] = dict(hashes)
-    params["prepare"]["val_fraction"] = 0.25
-    params["train"] = {"preset": "mlp", "epochs": 1, "batch_size": 16}
-    params["evaluate"]["batch_size"] = 64
-    params["evaluate"]["example_grid"] = 3
-    params["validate"] = {"min_accuracy": 0.2, "min_class_f1": 0.0, "max_drop": 0.01}
+def set_params(params: dict, **overrides: object) -> dict:
+    """Set `section.key` values as `dvc exp run -S section.key=value` does: only keys the file has.
+
+    Keyword names use `__` for the dot: set_params(p, train__epochs=1). Returns `params`.
+    """
+    for dotted, value in overrides.items():
+        *parents, key = dotted.split("__")
+        node = params
+        for part in parents:
+            node = node[part]
+        assert key in node, f"{'.'.join([*parents, key])} is not in the committed params.yaml: -S could not set it"
+        node[key] = value
     return params
+
+
+@functools.cache
+def _composed(overrides: tuple[str, ...]) -> str:
+    return compose(REPO / "conf", overrides)
+
+
+def committed_params(source: Path, hashes: dict[str, str], *overrides: str) -> dict:
+    """params.yaml as `dvc exp run -S OVERRIDE...` composes it from the committed conf/, with only
+    the data sources pointed at the synthetic files."""
+    params = yaml.safe_load(_composed(overrides))
+    return set_params(params, prepare__sources=[str(source)], prepare__sha256=dict(hashes))
+
+
+TINY = (
+    "train=mlp",
+    "train.epochs=1",
+    "train.batch_size=16",
+    "prepare.val_fraction=0.25",
+    "evaluate.batch_size=64",
+    "evaluate.example_grid=3",
+    "validate.min_accuracy=0.2",
+    "validate.min_class_f1=0.0",
+    "validate.max_drop=0.01",
+)
+
+
+def tiny_params(source: Path, hashes: dict[str, str]) -> dict:
+    """The committed params, pointed at the synthetic source and shrunk to seconds with `-S` overrides."""
+    return committed_params(source, hashes, *TINY)
 
 
 @pytest.fixture
@@ -107,7 +144,11 @@ def repro(repo: Path) -> list[str]:
 
 
 def write_params(repo: Path, params: dict) -> None:
+    """Write params.yaml, and a conf/config.yaml that composes to exactly it, so `dvc exp run`
+    (which recomposes params.yaml from conf/) and validate's agreement check see the same params."""
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (repo / "conf").mkdir(exist_ok=True)
+    (repo / "conf/config.yaml").write_text(yaml.safe_dump({"defaults": ["_self_"], **params}, sort_keys=False))
 
 
 def make_project(repo: Path, params: dict) -> Path:
@@ -115,6 +156,7 @@ def make_project(repo: Path, params: dict) -> Path:
     repo.mkdir(parents=True, exist_ok=True)
     shutil.copytree(REPO / "stages", repo / "stages", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(REPO / ".dvc", repo / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache", "config.local"))
+    shutil.copytree(REPO / "conf", repo / "conf")
     for name in ("dvc.yaml", "Makefile", ".gitignore"):
         shutil.copy(REPO / name, repo / name)
     write_params(repo, params)

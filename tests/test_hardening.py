@@ -64,6 +64,9 @@ def snapshot(work: Path) -> dict[str, bytes]:
     return {str(p.relative_to(work)): p.read_bytes() for p in sorted(work.rglob("*")) if p.is_file()}
 
 
+PARAMS_INPUTS = {"params.yaml", "conf/config.yaml"}  # what a case edits; everything else must stay
+
+
 def assert_failed_cleanly(result: subprocess.CompletedProcess, message: str, before: dict, work: Path) -> None:
     assert result.returncode == 1, result.stderr
     assert "Traceback" not in result.stderr
@@ -71,8 +74,8 @@ def assert_failed_cleanly(result: subprocess.CompletedProcess, message: str, bef
     assert len(lines) == 1, lines
     assert message in lines[0], lines[0]
     assert lines[0].startswith("error: ")
-    after = {k: v for k, v in snapshot(work).items() if k != "params.yaml"}
-    assert after == {k: v for k, v in before.items() if k != "params.yaml"}  # nothing added, changed, removed
+    after = {k: v for k, v in snapshot(work).items() if k not in PARAMS_INPUTS}
+    assert after == {k: v for k, v in before.items() if k not in PARAMS_INPUTS}  # nothing added, changed, removed
 
 
 def edit_params(work: Path, change: Callable[[dict], None]) -> None:
@@ -88,15 +91,37 @@ PARAM_CASES = [
     (lambda p: p["prepare"].update(val_fraction=1.5), "params.yaml: prepare.val_fraction: must be in (0, 1), got 1.5"),
     (lambda p: p["train"].update(arch="vit"), "params.yaml: train.arch: 'vit' is not one of ['mlp', 'cnn']"),
     (lambda p: p["train"].update(optimizer="sgd"), "params.yaml: train.optimizer: 'sgd' is not one of"),
+    (lambda p: p["evaluate"].update(tta_flip="maybe"), "params.yaml: evaluate.tta_flip: 'maybe' is not one of"),
+    (lambda p: p.update(extra={}), "params.yaml: extra: unknown key"),
+]
+# Each stage validates the sections DVC re-runs it for (validate, CI's gate, checks them all), and
+# every stage rejects an unknown top-level section.
+READS = {
+    "prepare": {"prepare"},
+    "train": {"train"},
+    "evaluate": {"evaluate"},
+    "validate": {"prepare", "train", "evaluate"},
+}
+ENTRY_POINT_CASES = [
+    pytest.param(stage, change, message, id=f"{stage}-{message.split(': ')[1]}")
+    for change, message in PARAM_CASES
+    for stage, sections in READS.items()
+    if message.split(": ")[1].split(".")[0] in sections | {"extra"}
 ]
 
 
-@pytest.mark.parametrize("stage", ["prepare", "train", "evaluate", "validate"])
-@pytest.mark.parametrize(("change", "message"), PARAM_CASES, ids=[m.split(": ")[1] for _, m in PARAM_CASES])
+@pytest.mark.parametrize(("stage", "change", "message"), ENTRY_POINT_CASES)
 def test_bad_params_at_every_entry_point(work: Path, stage: str, change, message: str) -> None:
     before = snapshot(work)
     edit_params(work, change)
     assert_failed_cleanly(run_stage(stage, work), message, before, work)
+
+
+def test_a_typo_in_train_does_not_stop_prepare(work: Path) -> None:
+    """prepare does not depend on `train` (DVC would not re-run it for a change there)."""
+    edit_params(work, lambda p: p["train"].update(epochz=3))
+    result = run_stage("prepare", work)
+    assert result.returncode == 0, result.stderr
 
 
 @pytest.mark.parametrize("stage", ["prepare", "train", "evaluate"])

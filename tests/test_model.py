@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -8,6 +9,7 @@ import pytest
 
 from stages.model import build_model
 from stages.params import parse_params
+from tests.conftest import committed_params
 
 
 @pytest.fixture
@@ -25,9 +27,9 @@ def test_mlp_is_the_original_model(mlp) -> None:
     assert model.count_params() == 784 * 128 + 128 + 128 * 10 + 10
 
 
-def test_cnn_shapes_and_probabilities(params_dict: dict) -> None:
-    params_dict["train"] = {"preset": "cnn", "filters": [4, 8], "convs_per_block": [1, 2], "dense_units": 16}
-    model = build_model(parse_params(params_dict).train)
+def test_cnn_shapes_and_probabilities(idx_source: tuple[Path, dict[str, str]]) -> None:
+    overrides = ("train=cnn", "train.filters=[4,8]", "train.convs_per_block=[1,2]", "train.dense_units=16")
+    model = build_model(parse_params(committed_params(*idx_source, *overrides)).train)
     probs = model.predict(np.random.default_rng(0).random((3, 28, 28), dtype=np.float32), verbose=0)
     assert model.input_shape == (None, 28, 28)
     assert probs.shape == (3, 10)

@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from stages.common import HISTORY_CSV, MODEL_PATH, load_model
-from tests.conftest import REPO, make_project, module_env, repro, run_module, sh, tiny_params, write_params
+from tests.conftest import REPO, make_project, module_env, repro, run_module, set_params, sh, tiny_params, write_params
 
 
 def free_port() -> int:
@@ -139,7 +139,7 @@ def written_files(project: Path) -> list[Path]:
     return [
         path
         for path in project.rglob("*")
-        if path.is_file() and path.name != "params.yaml" and "prepared" not in path.parts
+        if path.is_file() and path.name != "params.yaml" and not {"prepared", "conf"} & set(path.parts)
     ]
 
 
@@ -177,11 +177,11 @@ def test_two_workers_train_what_one_process_trains(tmp_path: Path, idx_source: t
     both finish, only the chief writes, and the model is the one a single process trains on the
     same global batch (2 × 15) with the same scaled learning rate."""
     params = tiny_params(*idx_source)
-    params["train"] = {"preset": "mlp", "epochs": 2, "batch_size": 15, "dropout": 0.0, "strategy": "multi_worker"}
+    set_params(params, train__epochs=2, train__batch_size=15, train__dropout=0.0, train__strategy="multi_worker")
     chief, worker = two_host_projects(tmp_path, params)
     single = tmp_path / "single"
     shutil.copytree(chief, single)
-    mlp_learning_rate = yaml.safe_load((REPO / "params.yaml").read_text())["presets"]["mlp"]["learning_rate"]
+    mlp_learning_rate = yaml.safe_load((REPO / "conf/train/mlp.yaml").read_text())["learning_rate"]
     single_train = {**params["train"], "strategy": "auto", "batch_size": 30, "learning_rate": 2 * mlp_learning_rate}
     write_params(single, {**params, "train": single_train})
 
@@ -206,7 +206,7 @@ def test_a_stopped_worker_fails_the_chief_cleanly(tmp_path: Path, idx_source: tu
     """SIGTERM stops a worker (TF would take it as a preemption notice and train on); the chief
     notices within seconds and exits with one line, writing no model."""
     params = tiny_params(*idx_source)
-    params["train"] = {"preset": "mlp", "epochs": 100_000, "batch_size": 15, "strategy": "multi_worker"}
+    set_params(params, train__epochs=100_000, train__batch_size=15, train__strategy="multi_worker")
     chief, worker = two_host_projects(tmp_path, params)
     with killed_at_exit(start_workers(chief, worker)) as (chief_process, worker_process):
         for line in worker_process.stdout:  # wait until they train together

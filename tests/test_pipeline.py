@@ -6,15 +6,39 @@ stages `dvc repro` ran, so a missing or spurious dependency in dvc.yaml fails he
 
 from __future__ import annotations
 
+import ast
 import json
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import make_project, repro, sh, tiny_params, write_params
+from tests.conftest import REPO, make_project, repro, sh, tiny_params, write_params
 
 ALL_STAGES = ["prepare", "train", "evaluate"]
+
+
+def imported_stage_files(module: str) -> set[str]:
+    """The files of the `stages` package that `module` imports, directly or not, read from source."""
+    files, todo = {"stages/__init__.py"}, [module]
+    while todo:
+        path = todo.pop().replace(".", "/") + ".py"
+        if path in files:
+            continue
+        files.add(path)
+        for node in ast.walk(ast.parse((REPO / path).read_text())):
+            names = [node.module] if isinstance(node, ast.ImportFrom) else []
+            names += [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+            todo += [name for name in names if name and name.startswith("stages.")]
+    return files
+
+
+def test_each_stage_depends_on_exactly_the_code_it_imports() -> None:
+    """A missing dep gives stale results, an extra one spurious re-runs."""
+    for name, stage in yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"].items():
+        module = stage["cmd"].removeprefix("python -m ")
+        code_deps = {dep for dep in stage["deps"] if dep.startswith("stages/")}
+        assert code_deps == imported_stage_files(module), name
 
 
 @pytest.fixture(scope="module")
@@ -57,16 +81,6 @@ def test_param_change_reruns_its_stage_and_downstream(
     assert repro(repo) == expected
 
 
-def test_only_the_selected_preset_is_a_dependency(project: tuple[Path, dict]) -> None:
-    repo, params = project
-    params["presets"]["long"]["epochs"] = 99  # not the selected preset (mlp)
-    write_params(repo, params)
-    assert repro(repo) == []
-    params["presets"]["mlp"]["dense_units"] = 64  # the selected one
-    write_params(repo, params)
-    assert repro(repo) == ["train", "evaluate"]
-
-
 def test_code_edit_reruns_only_its_stage(project: tuple[Path, dict]) -> None:
     repo, _ = project
     with (repo / "stages/evaluate.py").open("a") as handle:
@@ -74,21 +88,51 @@ def test_code_edit_reruns_only_its_stage(project: tuple[Path, dict]) -> None:
     assert repro(repo) == ["evaluate"]
 
 
-def test_mistyped_param_reruns_and_fails_naming_the_key(project: tuple[Path, dict]) -> None:
+def _results(repo: Path) -> dict[str, bytes]:
+    """Every earlier result a failed run must leave alone: the model, plots/ and metrics/."""
+    paths = [
+        repo / "data/model/model.keras",
+        *sorted((repo / "plots").iterdir()),
+        *sorted((repo / "metrics").iterdir()),
+    ]
+    return {str(path.relative_to(repo)): path.read_bytes() for path in paths}
+
+
+def test_mistyped_param_fails_naming_the_key_and_keeps_every_result(project: tuple[Path, dict]) -> None:
+    """A hand-edited typo re-runs train, which fails by name; persist: true kept DVC from deleting
+    the outputs first, so no `dvc checkout` is needed and nothing has to re-run afterwards."""
     repo, params = project
-    bad = {**params, "train": {**params["train"], "epochz": 3}}
-    write_params(repo, bad)
+    before = _results(repo)
+    write_params(repo, {**params, "train": {**params["train"], "epochz": 3}})
     result = sh(repo, "dvc", "repro", check=False)
     assert result.returncode != 0
-    assert "train.epochz: unknown key" in result.stderr + result.stdout
+    assert "error: params.yaml: train.epochz: unknown key" in result.stderr + result.stdout
+    assert _results(repo) == before
     write_params(repo, params)
+    assert sh(repo, "dvc", "status", "--json").stdout.strip() == "{}"
+    assert repro(repo) == []
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.epochs=0", "error: params.yaml: train.epochs: must be > 0, got 0"),  # train runs, and fails
+        ("train.epochz=3", "Could not override 'train.epochz'"),  # DVC refuses before running anything
+    ],
+)
+def test_failed_experiment_keeps_every_result(project: tuple[Path, dict], override: str, message: str) -> None:
+    repo, params = project
+    before = _results(repo)
+    result = sh(repo, "dvc", "exp", "run", "-S", override, check=False)
+    assert result.returncode != 0
+    assert message in result.stderr + result.stdout
+    assert _results(repo) == before
+    write_params(repo, params)  # -S left params.yaml as composed for the failed run
+    assert repro(repo) == []
 
 
 def test_metrics_diff_reports_accuracy_change(project: tuple[Path, dict]) -> None:
     repo, params = project
-    # DVC removed train's outputs before the failed run; the lock still describes the good ones.
-    # Train re-runs and writes the very same model bytes, so evaluate stays up to date.
-    assert repro(repo) == ["train"]
     sh(repo, "git", "add", "-A")
     sh(repo, "git", "commit", "-qm", "one epoch")
     before = json.loads((repo / "metrics/metrics.json").read_text())["accuracy"]

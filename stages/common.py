@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
@@ -135,6 +136,22 @@ def seed_everything(seed: int) -> None:
 
     keras.utils.set_random_seed(seed)
     tf.config.experimental.enable_op_determinism()
+
+
+def find_tool(name: str) -> str:
+    """The `name` command installed next to the running Python (the venv's dvc), else on PATH.
+
+    So `.venv/bin/python -m stages.validate` works without activating the venv.
+    """
+    beside = Path(sys.executable).parent / name
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    found = shutil.which(name)
+    if found is None:
+        raise WardrobeError(
+            f"{name}: command not found next to {sys.executable} or on PATH; install the project (make venv)"
+        )
+    return found
 
 
 def run_main(body: Callable[[], None]) -> None:

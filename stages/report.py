@@ -10,12 +10,12 @@ import argparse
 import subprocess
 from pathlib import Path
 
-from stages.common import CONFUSION_PNG, CURVES_PNG, WardrobeError, run_main, write_text_atomic
+from stages.common import CONFUSION_PNG, CURVES_PNG, WardrobeError, find_tool, run_main, write_text_atomic
 
 
 def dvc_markdown(*args: str) -> str:
     """Output of a `dvc ... --md` command; an error names the command."""
-    result = subprocess.run(["dvc", *args, "--md"], capture_output=True, text=True)
+    result = subprocess.run([find_tool("dvc"), *args, "--md"], capture_output=True, text=True)
     if result.returncode != 0:
         raise WardrobeError(f"dvc {' '.join(args)} failed: {' '.join(result.stderr.split())[:300]}")
     return result.stdout.strip() or "_no changes_"

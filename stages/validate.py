@@ -28,9 +28,10 @@ from stages.common import (
     PER_CLASS_CSV,
     PREPARED_DIR,
     WardrobeError,
+    find_tool,
     run_main,
 )
-from stages.params import ValidateParams, load_params
+from stages.params import CONF_DIR, PARAMS_FILE, ValidateParams, compose, disagreements, load_params
 
 HEADLINE_KEYS = ("accuracy", "loss", "macro_f1", "val_accuracy")
 SCORE_KEYS = ("precision", "recall", "f1")
@@ -159,7 +160,7 @@ def check_png(path: Path) -> list[str]:
 
 def stale_stages() -> list[str]:
     """Stages whose code, params or dependencies changed since dvc.lock was written."""
-    result = subprocess.run(["dvc", "status", "--json"], capture_output=True, text=True)
+    result = subprocess.run([find_tool("dvc"), "status", "--json"], capture_output=True, text=True)
     if result.returncode != 0:
         return [f"dvc status failed: {' '.join(result.stderr.split())[:300]}"]
     problems = []
@@ -174,8 +175,20 @@ def stale_stages() -> list[str]:
     return problems
 
 
+def params_match_conf() -> list[str]:
+    """params.yaml must be what conf/ composes to: `dvc exp run` recomposes it, so a value that lives
+    only in params.yaml (a hand edit, or an experiment's -S brought in by `dvc exp branch`) would be
+    silently lost by the next run."""
+    differences = disagreements(yaml.safe_load(PARAMS_FILE.read_text(encoding="utf-8")), yaml.safe_load(compose()))
+    return [
+        f"{PARAMS_FILE}: {key} is {value!r} but {CONF_DIR}/ composes {composed!r}; "
+        f"put the value into {CONF_DIR}/ (or `make params` to drop it)"
+        for key, value, composed in differences
+    ]
+
+
 def metrics_at(rev: str) -> dict:
-    result = subprocess.run(["git", "show", f"{rev}:{METRICS_PATH}"], capture_output=True, text=True)
+    result = subprocess.run([find_tool("git"), "show", f"{rev}:{METRICS_PATH}"], capture_output=True, text=True)
     if result.returncode != 0:
         raise WardrobeError(f"--against {rev}: cannot read {METRICS_PATH} there ({result.stderr.strip()})")
     return json.loads(result.stdout)
@@ -185,7 +198,8 @@ def validate(against: str | None) -> list[str]:
     """Every problem found, one line each; [] means the outputs can be trusted."""
     gates = load_params().validate
     outputs = declared_outputs(Path("dvc.yaml"))
-    problems = [f"{path}: declared output is missing" for path in outputs if not path.exists()]
+    problems = params_match_conf()
+    problems += [f"{path}: declared output is missing" for path in outputs if not path.exists()]
     metrics = None
     if METRICS_PATH.exists():
         try:

@@ -1,0 +1,419 @@
+"""The README is executable: every command in its Experiments, Validation and CI, artifact and
+Predict sections runs here, as written, with the real dvc, git and make.
+
+The project is a temp clone of the committed files. Its params are the committed conf/ with two
+edits a user with a tiny dataset would make in conf/config.yaml: the data sources pointed at the
+synthetic IDX files, and `train: {batch_size: 16, bn_momentum: 0.9}`, an override that applies to
+every cnn recipe (at the default momentum 0.99 BatchNorm's statistics need many hundred steps to
+settle, ~100 images give 7 steps an epoch; `-S` would last one run only, since `dvc exp run`
+recomposes params.yaml from conf/).
+Every command extracted from the README must have an entry in CHECKS saying what it must do, so a
+command added to the README without a check fails `test_every_readme_command_has_a_check`.
+
+Extraction: in ```bash blocks every line is a command (a trailing `# comment` is dropped); in
+```console blocks a line starting with `$ ` is a command and the lines under it its output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from stages.common import CLASS_NAMES, METRICS_PATH, MODEL_PATH
+from tests.conftest import REPO, committed_params, make_project, sh, synthetic_images
+
+SECTIONS = ("Experiments", "Validation and CI", "The model as an artifact", "Predict on your own images")
+GITHUB_URL = "https://github.com/ORG/wardrobe"  # the README's placeholder; here: a local bare repo
+
+
+@dataclass(frozen=True)
+class Command:
+    section: str
+    text: str
+    output: tuple[str, ...] = ()  # the lines a ```console block shows under it
+
+
+def readme_commands(markdown: str) -> list[Command]:
+    """The commands of the README's code blocks in SECTIONS, in order."""
+    commands: list[Command] = []
+    section, block, console_output = "", None, None
+    for line in markdown.splitlines():
+        if block is None and line.startswith("## "):
+            section = line[3:].strip()
+        elif line.startswith("```"):
+            block = (line[3:].strip() or "text") if block is None else None
+            console_output = None
+        elif section in SECTIONS and block == "bash":
+            text = re.sub(r"\s+#\s.*$", "", line).strip()
+            if text and not text.startswith("#"):
+                commands.append(Command(section, text))
+        elif section in SECTIONS and block == "console":
+            if line.startswith("$ "):
+                console_output = []
+                commands.append(Command(section, line[2:].strip(), ()))
+            elif console_output is not None:
+                last = commands.pop()
+                commands.append(Command(last.section, last.text, (*last.output, line)))
+    return commands
+
+
+COMMANDS = readme_commands((REPO / "README.md").read_text(encoding="utf-8"))
+
+
+@dataclass
+class Clone:
+    """The user's clone, plus where `origin` and the DVC remote live."""
+
+    path: Path
+    origin: Path
+    elsewhere: Path  # an empty folder outside the clone, for `dvc artifacts get`
+    results: dict[str, object] = field(default_factory=dict)
+
+    def run(self, command: Command, cwd: Path | None = None):
+        text = command.text.replace(GITHUB_URL, str(self.origin))
+        return sh(cwd or self.path, "bash", "-c", text, check=False)
+
+
+def _ok(result) -> None:
+    assert result.returncode == 0, f"{result.args}\n{result.stdout}\n{result.stderr}"
+
+
+def _params(clone: Clone) -> dict:
+    return yaml.safe_load((clone.path / "params.yaml").read_text())
+
+
+def _metrics(clone: Clone) -> dict:
+    return json.loads((clone.path / METRICS_PATH).read_text())
+
+
+# ---- what each command must do -------------------------------------------------------------------
+
+
+def _params_diff_main(clone: Clone) -> dict:
+    """`dvc params diff main` as {key: {"old": ..., "new": ...}}."""
+    diff = json.loads(sh(clone.path, "dvc", "params", "diff", "main", "--json").stdout or "{}").get("params.yaml", {})
+    return {key: {"old": change["old"], "new": change["new"]} for key, change in diff.items()}
+
+
+def _exp_run_epochs(clone: Clone, command: Command) -> None:
+    _ok(clone.run(command))
+    assert _params(clone)["train"]["epochs"] == 10
+    history = (clone.path / "plots/train_history.csv").read_text().splitlines()
+    assert len(history) == 1 + 10  # header + one row per epoch: it trained what -S said
+    assert _params_diff_main(clone) == {"train.epochs": {"old": 30, "new": 10}}
+
+
+def _exp_run_recipe(clone: Clone, command: Command) -> None:
+    _ok(clone.run(command))
+    long = yaml.safe_load((clone.path / "conf/train/long.yaml").read_text())
+    assert _params(clone)["train"] == {**long, "batch_size": 16, "bn_momentum": 0.9}  # with conf/config.yaml's
+    model = keras.models.load_model(clone.path / MODEL_PATH)
+    convs = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
+    assert len(convs) == 6  # long: two convs in each of three blocks (the default has three)
+    # The diff names each key the switch changed (and -S train.epochs=10 did not carry over):
+    assert _params_diff_main(clone) == {
+        "train.convs_per_block": {"old": "[1, 1, 1]", "new": "[2, 2, 2]"},  # DVC prints lists
+        "train.epochs": {"old": 30, "new": 20},
+    }
+
+
+def _exp_show(clone: Clone, command: Command) -> None:
+    result = clone.run(command)
+    _ok(result)
+    lines = result.stdout.splitlines()
+    for column in ("Experiment", "accuracy", "train.arch"):  # (columns past the terminal's width are cut)
+        assert column in result.stdout, result.stdout
+    assert sum(line.split()[0] == "main" for line in lines if line.split()) == 1
+    assert sum(("├──" in line or "└──" in line) for line in lines) == 2  # the two experiments run so far
+
+
+def _queue(name: str) -> Callable[[Clone, Command], None]:
+    def check(clone: Clone, command: Command) -> None:
+        before = (clone.path / "params.yaml").read_text()
+        result = clone.run(command)
+        _ok(result)
+        assert f"Queued experiment '{name}'" in result.stdout + result.stderr
+        assert (clone.path / "params.yaml").read_text() == before  # queued, not run in the workspace
+
+    return check
+
+
+def _queue_start(clone: Clone, command: Command) -> None:
+    _ok(clone.run(command))
+
+
+def _queue_status(clone: Clone, command: Command) -> None:
+    deadline = time.monotonic() + 600
+    while True:  # "watch it until both say Success"
+        result = clone.run(command)
+        _ok(result)
+        if "Queued" not in result.stdout and "Running" not in result.stdout:
+            break
+        assert time.monotonic() < deadline, result.stdout
+        time.sleep(2)
+    sh(clone.path, "dvc", "queue", "stop", "--kill", check=False)
+    assert result.stdout.count("Success") == 2, result.stdout
+
+
+def _exp_apply(clone: Clone, command: Command) -> None:
+    _ok(clone.run(command))
+    assert _params(clone)["train"]["learning_rate"] == 0.003
+    assert sh(clone.path, "dvc", "status", "--json").stdout.strip() == "{}"  # its results came along
+    clone.results["lr3"] = _metrics(clone)
+
+
+def _exp_branch(clone: Clone, command: Command) -> None:
+    _ok(clone.run(command))
+    branch_params = yaml.safe_load(sh(clone.path, "git", "show", "better-lr:params.yaml").stdout)
+    assert branch_params["train"]["learning_rate"] == 0.003
+
+
+def _flat(metrics: dict, prefix: str = "") -> dict[str, float]:
+    flat = {}
+    for key, value in metrics.items():
+        flat.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return flat
+
+
+def _metrics_diff(clone: Clone, command: Command) -> None:
+    result = clone.run(command)
+    _ok(result)
+    base = _flat(json.loads(sh(clone.path, "git", "show", f"main:{METRICS_PATH}").stdout))
+    head = _flat(clone.results["lr3"])
+    cells = [re.split(r"\s{2,}", line.strip()) for line in result.stdout.splitlines()[1:] if line.strip()]
+    rows = {row[1]: row[2:4] for row in cells}  # (class names have single spaces: "Ankle boot")
+    # Exactly the metrics that changed, each with both values (DVC rounds to 5 digits):
+    assert set(rows) == {key for key in base if base[key] != head[key]}, result.stdout
+    for key, (old, new) in rows.items():
+        assert (float(old), float(new)) == pytest.approx((base[key], head[key]), abs=1e-5)
+
+
+def _params_diff(clone: Clone, command: Command) -> None:
+    result = clone.run(command)
+    _ok(result)
+    rows = [line.split() for line in result.stdout.splitlines()[1:] if line.strip()]
+    assert rows == [["params.yaml", "train.learning_rate", "0.004", "0.003"]], result.stdout
+
+
+def _plots_diff(clone: Clone, command: Command) -> None:
+    result = clone.run(command)
+    _ok(result)
+    page = (clone.path / "dvc_plots/index.html").read_text()
+    for title in ("Accuracy", "Loss", "Confusion matrix", "Per-class F1"):
+        assert title in page
+
+
+def _validate(clone: Clone, command: Command) -> None:
+    result = clone.run(command)
+    _ok(result)
+    assert "validate: all outputs present, well-formed, within quality gates and fresh" in result.stdout
+
+
+def _make_report(clone: Clone, command: Command) -> None:
+    (clone.path / "report.md").unlink(missing_ok=True)
+    _ok(clone.run(command))
+    report = (clone.path / "report.md").read_text()
+    assert report.startswith("# wardrobe report (against `main`)")
+    for image in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report):
+        assert (clone.path / image).is_file(), image
+
+
+def _make_ci(clone: Clone, command: Command) -> None:
+    (clone.path / "report.md").unlink(missing_ok=True)
+    result = clone.run(command)
+    _ok(result)
+    assert "validate: all outputs present" in result.stdout
+    assert (clone.path / "report.md").is_file()
+
+
+def _release(clone: Clone, command: Command) -> None:
+    _ok(clone.run(command))
+    assert sh(clone.path, "git", "tag", "-l").stdout.split() == ["fashion-classifier@v1.0.0"]
+
+
+def _publish(clone: Clone, command: Command) -> None:
+    _ok(clone.run(command))
+    assert "fashion-classifier@v1.0.0" in sh(clone.origin, "git", "tag", "-l").stdout
+
+
+def _artifact_get(version: str) -> Callable[[Clone, Command], None]:
+    def check(clone: Clone, command: Command) -> None:
+        where = clone.elsewhere / version
+        where.mkdir()
+        _ok(clone.run(command, cwd=where))
+        assert (where / "model.keras").read_bytes() == (clone.path / MODEL_PATH).read_bytes()
+
+    return check
+
+
+CLASS = "|".join(re.escape(name) for name in CLASS_NAMES)
+
+
+def _like(shown: str) -> str:
+    """A regex for an output line as the README shows it: any class, any probability."""
+    pattern = re.escape(shown)
+    pattern = re.sub("|".join(re.escape(re.escape(name)) for name in CLASS_NAMES), f"(?:{CLASS})", pattern)
+    return re.sub(r"\d\\\.\d+", r"[01]\\.\\d+", pattern)
+
+
+def _as_shown(clone: Clone, command: Command) -> None:
+    """Run a ```console command: same exit status as shown (`error:` means 1) and the same lines,
+    classes and probabilities aside (the README's come from the real model). JSON lines: same keys."""
+    result = clone.run(command)
+    shown_error = any(line.startswith("error:") for line in command.output)
+    assert result.returncode == (1 if shown_error else 0), result.stderr
+    lines = (result.stderr if shown_error else result.stdout).strip().splitlines()
+    assert len(lines) == len(command.output), lines
+    for line, shown in zip(lines, command.output, strict=True):
+        if shown.startswith("{"):
+            got, want = json.loads(line), json.loads(shown)
+            assert got["path"] == want["path"] and len(got["top_k"]) == len(want["top_k"])
+            assert all(entry["class"] in CLASS_NAMES for entry in got["top_k"])
+            probabilities = [entry["probability"] for entry in got["top_k"]]
+            assert probabilities == sorted(probabilities, reverse=True)
+        else:
+            assert re.fullmatch(_like(shown), line), (line, shown)
+
+
+CHECKS: dict[str, Callable[[Clone, Command], None]] = {
+    "dvc exp run -S train.epochs=10": _exp_run_epochs,
+    "dvc exp run -S train=long": _exp_run_recipe,
+    "dvc exp show": _exp_show,
+    "dvc exp run --queue -n lr1 -S train.learning_rate=0.001": _queue("lr1"),
+    "dvc exp run --queue -n lr3 -S train.learning_rate=0.003": _queue("lr3"),
+    "dvc queue start -j 2": _queue_start,
+    "dvc queue status": _queue_status,
+    "dvc exp apply lr3": _exp_apply,
+    "dvc exp branch lr3 better-lr": _exp_branch,
+    "dvc metrics diff main": _metrics_diff,
+    "dvc params diff main": _params_diff,
+    "dvc plots diff main": _plots_diff,
+    "python -m stages.validate": _validate,
+    "python -m stages.validate --against main": _validate,
+    "make report BASE=main": _make_report,
+    "make ci BASE=main": _make_ci,
+    "make release VERSION=1.0.0": _release,
+    "git push origin fashion-classifier@v1.0.0 && dvc push": _publish,
+    f"dvc artifacts get {GITHUB_URL} fashion-classifier": _artifact_get("latest"),
+    f"dvc artifacts get {GITHUB_URL} fashion-classifier --rev v1.0.0": _artifact_get("v1.0.0"),
+    "wardrobe-predict boot.png photo.jpg three.npy --top-k 2": _as_shown,
+    "python -m stages.predict shirt.png --json --top-k 3": _as_shown,
+    "wardrobe-predict missing.png": _as_shown,
+}
+
+
+def test_every_readme_command_has_a_check() -> None:
+    found = [command.text for command in COMMANDS]
+    assert {command.section for command in COMMANDS} == set(SECTIONS)
+    assert sorted(found) == sorted(CHECKS), "README commands and CHECKS differ: add a check for each new command"
+    assert len(found) == len(set(found))
+
+
+def test_extraction_reads_bash_and_console_blocks() -> None:
+    markdown = "\n".join(
+        [
+            "## Experiments",
+            "```bash",
+            "dvc exp show   # a comment",
+            "# a whole-line comment",
+            "```",
+            "```console",
+            "$ wardrobe-predict a.png",
+            "a.png: Bag (0.900)",
+            "```",
+            "## Elsewhere",
+            "```bash",
+            "rm -rf /",
+            "```",
+        ]
+    )
+    assert readme_commands(markdown) == [
+        Command("Experiments", "dvc exp show"),
+        Command("Experiments", "wardrobe-predict a.png", ("a.png: Bag (0.900)",)),
+    ]
+
+
+def _user_images(folder: Path, x: np.ndarray, y: np.ndarray) -> None:
+    """The pictures the Predict example names: exported test images, a product photo, an array."""
+    first = {label: x[np.flatnonzero(y == label)[0]] for label in range(10)}
+    Image.fromarray(first[9]).save(folder / "boot.png")  # Ankle boot
+    Image.fromarray(first[6]).save(folder / "shirt.png")  # Shirt
+    photo = np.full((180, 120), 255, dtype=np.uint8)  # a dark garment on a white page
+    photo[30:150, 20:100] = 255 - np.kron(first[9][4:24, 4:24], np.ones((6, 4), dtype=np.uint8))
+    Image.fromarray(photo).save(folder / "photo.jpg", quality=95)
+    np.save(folder / "three.npy", np.stack([first[9], first[2], first[1]]))
+
+
+@pytest.fixture(scope="module")
+def clone(tmp_path_factory: pytest.TempPathFactory, idx_source: tuple[Path, dict[str, str]]) -> Clone:
+    """A user's clone after a small baseline run, committed and pushed to `origin`, with a DVC remote."""
+    root = tmp_path_factory.mktemp("readme")
+    repo = make_project(root / "wardrobe", committed_params(*idx_source))
+    config = yaml.safe_load((REPO / "conf/config.yaml").read_text())  # the user's edit of conf/:
+    config["prepare"]["sources"], config["prepare"]["sha256"] = [str(idx_source[0])], idx_source[1]
+    config["train"] = {"batch_size": 16, "bn_momentum": 0.9}
+    (repo / "conf/config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    # `make` targets run in the user's set-up: the project's venv as .venv, installed (stamp newer
+    # than pyproject.toml, so make does not reinstall into the venv running this test).
+    stamp = Path(sys.prefix) / ".installed"
+    assert stamp.is_file(), f"{stamp} is missing: run `make venv` (make test does) before this test"
+    (repo / ".venv").symlink_to(sys.prefix)
+    shutil.copy2(REPO / "pyproject.toml", repo / "pyproject.toml")
+    if os.stat(repo / "pyproject.toml").st_mtime > stamp.stat().st_mtime:
+        pytest.fail("pyproject.toml is newer than the venv: run `make venv` first")
+    origin = root / "origin.git"
+    sh(root, "git", "init", "-q", "--bare", "-b", "main", str(origin))
+    sh(repo, "git", "remote", "add", "origin", str(origin))
+    sh(repo, "dvc", "remote", "add", "-d", "storage", str(root / "dvc-storage"))
+    sh(repo, "dvc", "exp", "run")  # composes params.yaml from conf/, then reproduces
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-qm", "baseline")
+    sh(repo, "git", "push", "-q", "origin", "main")
+    x_test, y_test = synthetic_images(4, seed=2)
+    _user_images(repo, x_test, y_test)
+    (root / "elsewhere").mkdir()
+    return Clone(repo, origin, root / "elsewhere")
+
+
+def _reset(clone: Clone) -> None:
+    """Back to the committed baseline between sections (experiments leave the workspace changed)."""
+    sh(clone.path, "git", "checkout", "-q", "main")
+    sh(clone.path, "git", "reset", "-q", "--hard", "main")  # (autostage: dvc repro stages what it writes)
+    sh(clone.path, "dvc", "checkout", "-q")
+    assert sh(clone.path, "dvc", "status", "--json").stdout.strip() == "{}"
+
+
+@pytest.mark.parametrize("section", SECTIONS)
+def test_readme_section_runs_as_written(clone: Clone, section: str) -> None:
+    _reset(clone)
+    commands = [command for command in COMMANDS if command.section == section]
+    assert commands
+    for command in commands:
+        CHECKS[command.text](clone, command)
+
+
+def test_editing_a_recipe_makes_train_stale_only_when_it_is_the_selected_one(clone: Clone) -> None:
+    """conf/train/long.yaml is not what params.yaml holds: editing it changes nothing DVC tracks."""
+    _reset(clone)
+    long, cnn = clone.path / "conf/train/long.yaml", clone.path / "conf/train/cnn.yaml"
+    long.write_text(long.read_text().replace("epochs: 20", "epochs: 99"))
+    sh(clone.path, "make", "params")
+    assert sh(clone.path, "dvc", "status", "--json").stdout.strip() == "{}"
+    cnn.write_text(cnn.read_text().replace("dense_units: 256", "dense_units: 64"))
+    sh(clone.path, "make", "params")
+    assert _params_diff_main(clone) == {"train.dense_units": {"old": 256, "new": 64}}
+    assert list(json.loads(sh(clone.path, "dvc", "status", "--json").stdout)) == ["train"]  # (evaluate follows)
+    _reset(clone)

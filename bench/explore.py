@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.common import PREPARED_DIR, load_split, predict_proba
+from stages.common import enable_determinism, load_split, predict_proba
+from stages.outputs import PREPARED_DIR
 from stages.params import TrainParams, load_section
 from stages.train import fit
 
@@ -40,6 +41,7 @@ def run_variant(base: TrainParams, overrides: dict, data: dict) -> dict:
 
 def main() -> None:
     out = Path(sys.argv[1])
+    enable_determinism()  # the numbers must be reproducible, as in the pipeline
     base = load_section(TrainParams)
     data = {split: load_split(PREPARED_DIR, split) for split in ("train", "val", "test")}
     for spec in sys.argv[2:]:

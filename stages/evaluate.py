@@ -13,74 +13,39 @@ import pandas as pd
 
 from stages.common import (
     CLASS_NAMES,
+    NUM_CLASSES,
+    WardrobeError,
+    atomic_path,
+    load_classifier,
+    load_split,
+    run_main,
+    write_json_atomic,
+)
+from stages.outputs import (
     CONFUSION_CSV,
     CONFUSION_PNG,
+    CSV_COLUMNS,
     CURVES_PNG,
+    DIGITS,
     HISTORY_CSV,
     METRICS_PATH,
     MODEL_PATH,
-    NUM_CLASSES,
     PER_CLASS_CSV,
     PREDICTIONS_PNG,
     PREPARED_DIR,
-    WardrobeError,
-    atomic_path,
-    load_model,
-    load_split,
-    predict_proba,
-    run_main,
-    wants_flip_tta,
-    write_json_atomic,
+    Predictions,
+    compute_metrics,
+    confusion_matrix,
+    per_class_scores,
 )
 from stages.params import EvaluateParams, load_section
-
-DIGITS = 6
-
-
-def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
-    """Rows: actual class, columns: predicted class."""
-    pairs = y_true.astype(np.int64) * NUM_CLASSES + y_pred.astype(np.int64)
-    return np.bincount(pairs, minlength=NUM_CLASSES**2).reshape(NUM_CLASSES, NUM_CLASSES)
-
-
-def per_class_scores(cm: np.ndarray) -> pd.DataFrame:
-    """Precision, recall, F1 and support per class; 0 where a class is never predicted/present."""
-    true_pos = np.diag(cm).astype(np.float64)
-    predicted, support = cm.sum(axis=0), cm.sum(axis=1)
-    precision = np.divide(true_pos, predicted, out=np.zeros_like(true_pos), where=predicted > 0)
-    recall = np.divide(true_pos, support, out=np.zeros_like(true_pos), where=support > 0)
-    denom = precision + recall
-    f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(true_pos), where=denom > 0)
-    return pd.DataFrame({"class": CLASS_NAMES, "precision": precision, "recall": recall, "f1": f1, "support": support})
-
-
-def cross_entropy(probs: np.ndarray, y_true: np.ndarray) -> float:
-    """Mean sparse categorical cross-entropy, clipped like Keras' (epsilon 1e-7)."""
-    picked = np.clip(probs[np.arange(len(y_true)), y_true], 1e-7, 1.0)
-    return float(-np.mean(np.log(picked)))
-
-
-def compute_metrics(test_probs: np.ndarray, y_test: np.ndarray, val_probs: np.ndarray, y_val: np.ndarray) -> dict:
-    """The metrics.json document: headline numbers first, then per-class scores by class name."""
-    y_pred = test_probs.argmax(axis=1)
-    scores = per_class_scores(confusion_matrix(y_test, y_pred))
-    per_class = {
-        row["class"]: {key: round(float(row[key]), DIGITS) for key in ("precision", "recall", "f1")}
-        for _, row in scores.iterrows()
-    }
-    return {
-        "accuracy": round(float(np.mean(y_pred == y_test)), DIGITS),
-        "loss": round(cross_entropy(test_probs, y_test), DIGITS),
-        "macro_f1": round(float(scores["f1"].mean()), DIGITS),
-        "val_accuracy": round(float(np.mean(val_probs.argmax(axis=1) == y_val)), DIGITS),
-        "per_class": per_class,
-    }
 
 
 def confusion_rows(y_true: np.ndarray, y_pred: np.ndarray) -> pd.DataFrame:
     """One row per test image, class names, for DVC's `confusion` template."""
     names = np.array(CLASS_NAMES)
-    return pd.DataFrame({"actual": names[y_true], "predicted": names[y_pred]})
+    frame = pd.DataFrame({"actual": names[y_true], "predicted": names[y_pred]})
+    return frame[list(CSV_COLUMNS[CONFUSION_CSV])]
 
 
 def write_csv(frame: pd.DataFrame, path: Path) -> None:
@@ -152,19 +117,18 @@ def plot_predictions(x: np.ndarray, y_true: np.ndarray, y_pred: np.ndarray, grid
 
 def main() -> None:
     params = load_section(EvaluateParams)
-    model = load_model(MODEL_PATH)
+    classifier = load_classifier(MODEL_PATH)
     x_test, y_test = load_split(PREPARED_DIR, "test")
     x_val, y_val = load_split(PREPARED_DIR, "val")
-    tta = wants_flip_tta(model, params.tta_flip)
-    test_probs = predict_proba(model, x_test, params.batch_size, tta)
-    val_probs = predict_proba(model, x_val, params.batch_size, tta)
+    test_probs = classifier.predict_proba(x_test, params.batch_size)
+    val_probs = classifier.predict_proba(x_val, params.batch_size)
     y_pred = test_probs.argmax(axis=1)
     try:
         history = pd.read_csv(HISTORY_CSV)
     except (OSError, pd.errors.ParserError) as exc:
         raise WardrobeError(f"{HISTORY_CSV}: cannot read training history: {exc}") from exc
 
-    metrics = compute_metrics(test_probs, y_test, val_probs, y_val)
+    metrics = compute_metrics(Predictions(test_probs, y_test, val_probs, y_val))
     cm = confusion_matrix(y_test, y_pred)
     write_csv(confusion_rows(y_test, y_pred), CONFUSION_CSV)
     write_csv(per_class_scores(cm), PER_CLASS_CSV)

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.common import PREPARED_DIR, WardrobeError, run_main
+from stages.common import WardrobeError, run_main
+from stages.outputs import PREPARED_DIR
 from stages.params import PrepareParams, load_section
 
 IDX_DTYPE_UBYTE = 0x08

@@ -10,7 +10,8 @@ import argparse
 import subprocess
 from pathlib import Path
 
-from stages.common import CONFUSION_PNG, CURVES_PNG, WardrobeError, find_tool, run_main, write_text_atomic
+from stages.common import WardrobeError, find_tool, run_main, write_text_atomic
+from stages.outputs import CONFUSION_PNG, CURVES_PNG
 
 
 def dvc_markdown(*args: str) -> str:

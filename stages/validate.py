@@ -20,37 +20,22 @@ import pandas as pd
 import yaml
 from PIL import Image, UnidentifiedImageError
 
-from stages.common import (
-    CLASS_NAMES,
+from stages.common import CLASS_NAMES, WardrobeError, find_tool, run_main
+from stages.outputs import (
+    CLASS_SCORES,
     CONFUSION_CSV,
+    CSV_COLUMNS,
+    HEADLINE_METRICS,
     HISTORY_CSV,
     METRICS_PATH,
     PER_CLASS_CSV,
+    PNGS,
     PREPARED_DIR,
-    WardrobeError,
-    find_tool,
-    run_main,
+    STAGE_OUTPUTS,
 )
 from stages.params import CONF_DIR, PARAMS_FILE, ValidateParams, compose, disagreements, load_params
 
-HEADLINE_KEYS = ("accuracy", "loss", "macro_f1", "val_accuracy")
-SCORE_KEYS = ("precision", "recall", "f1")
-CSV_COLUMNS = {
-    HISTORY_CSV: ["epoch", "accuracy", "loss", "val_accuracy", "val_loss"],
-    CONFUSION_CSV: ["actual", "predicted"],
-    PER_CLASS_CSV: ["class", "precision", "recall", "f1", "support"],
-}
 MIN_PNG_SIDE = 200
-
-
-def declared_outputs(dvc_yaml: Path) -> list[Path]:
-    """Every `outs` and `metrics` path of every stage in dvc.yaml."""
-    stages = yaml.safe_load(dvc_yaml.read_text(encoding="utf-8"))["stages"]
-    paths = []
-    for stage in stages.values():
-        for entry in stage.get("outs", []) + stage.get("metrics", []) + stage.get("plots", []):
-            paths.append(Path(entry if isinstance(entry, str) else next(iter(entry))))
-    return paths
 
 
 def _unit(value: Any) -> bool:
@@ -63,14 +48,12 @@ def check_metrics_schema(metrics: Any) -> list[str]:
     if not isinstance(metrics, dict):
         return [f"{where}: expected a JSON object"]
     problems = []
-    for key in HEADLINE_KEYS:
+    for key, metric in HEADLINE_METRICS.items():
         value = metrics.get(key)
         if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
             problems.append(f"{where}: {key} must be a finite number, got {value!r}")
-        elif key != "loss" and not _unit(value):
-            problems.append(f"{where}: {key} must be in [0, 1], got {value!r}")
-        elif key == "loss" and value < 0:
-            problems.append(f"{where}: loss must be >= 0, got {value!r}")
+        elif not metric.low <= value <= metric.high:
+            problems.append(f"{where}: {key} must be in [{metric.low:g}, {metric.high:g}], got {value!r}")
     per_class = metrics.get("per_class")
     if not isinstance(per_class, dict):
         return [*problems, f"{where}: per_class must be an object keyed by class name"]
@@ -83,7 +66,7 @@ def check_metrics_schema(metrics: Any) -> list[str]:
     for name in CLASS_NAMES:
         scores = per_class.get(name)
         if isinstance(scores, dict):
-            for key in SCORE_KEYS:
+            for key in CLASS_SCORES:
                 if not _unit(scores.get(key)):
                     problems.append(f"{where}: per_class.{name}.{key} must be in [0, 1], got {scores.get(key)!r}")
         elif name not in missing:
@@ -124,8 +107,8 @@ def check_csvs(test_size: int | None) -> list[str]:
         except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
             problems.append(f"{path}: unreadable CSV ({' '.join(str(exc).split())})")
             continue
-        if list(frame.columns) != columns:
-            problems.append(f"{path}: columns {list(frame.columns)}, expected {columns}")
+        if tuple(frame.columns) != columns:
+            problems.append(f"{path}: columns {list(frame.columns)}, expected {list(columns)}")
             frames.pop(path)
         elif frame.empty:
             problems.append(f"{path}: no rows")
@@ -197,7 +180,7 @@ def metrics_at(rev: str) -> dict:
 def validate(against: str | None) -> list[str]:
     """Every problem found, one line each; [] means the outputs can be trusted."""
     gates = load_params().validate
-    outputs = declared_outputs(Path("dvc.yaml"))
+    outputs = [path for paths in STAGE_OUTPUTS.values() for path in paths]
     problems = params_match_conf()
     problems += [f"{path}: declared output is missing" for path in outputs if not path.exists()]
     metrics = None
@@ -217,8 +200,8 @@ def validate(against: str | None) -> list[str]:
     test_size = len(np.load(y_test, allow_pickle=False)) if y_test.exists() else None
     if all(path.exists() for path in CSV_COLUMNS):
         problems += check_csvs(test_size)
-    for path in outputs:
-        if path.suffix == ".png" and path.exists():
+    for path in PNGS:
+        if path.exists():
             problems += check_png(path)
     return problems + stale_stages()
 

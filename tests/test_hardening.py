@@ -91,7 +91,7 @@ PARAM_CASES = [
     (lambda p: p["prepare"].update(val_fraction=1.5), "params.yaml: prepare.val_fraction: must be in (0, 1), got 1.5"),
     (lambda p: p["train"].update(arch="vit"), "params.yaml: train.arch: 'vit' is not one of ['mlp', 'cnn']"),
     (lambda p: p["train"].update(optimizer="sgd"), "params.yaml: train.optimizer: 'sgd' is not one of"),
-    (lambda p: p["evaluate"].update(tta_flip="maybe"), "params.yaml: evaluate.tta_flip: 'maybe' is not one of"),
+    (lambda p: p["evaluate"].update(example_grid=0), "params.yaml: evaluate.example_grid: must be in 1..10, got 0"),
     (lambda p: p.update(extra={}), "params.yaml: extra: unknown key"),
 ]
 # Each stage validates the sections DVC re-runs it for (validate, CI's gate, checks them all), and

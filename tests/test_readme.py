@@ -32,7 +32,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from stages.common import CLASS_NAMES, METRICS_PATH, MODEL_PATH
+from stages.common import CLASS_NAMES
+from stages.outputs import METRICS_PATH, MODEL_PATH
 from tests.conftest import REPO, committed_params, make_project, sh, synthetic_images
 
 SECTIONS = ("Experiments", "Validation and CI", "The model as an artifact", "Predict on your own images")

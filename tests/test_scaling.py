@@ -21,7 +21,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from stages.common import HISTORY_CSV, MODEL_PATH, load_model
+from stages.common import load_model
+from stages.outputs import HISTORY_CSV, MODEL_PATH
 from tests.conftest import REPO, make_project, module_env, repro, run_module, set_params, sh, tiny_params, write_params
 
 

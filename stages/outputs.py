@@ -1,0 +1,117 @@
+"""The output contract, defined once: every file the pipeline writes, its columns or keys, and how
+each metric is computed.
+
+The stages write these (train: model and history; evaluate: the rest); validate, report and the
+tests check them from here, and tests/test_outputs.py checks that dvc.yaml declares the same paths
+and plots these columns. Adding a headline metric is one entry in HEADLINE_METRICS: evaluate
+computes and writes it, validate checks its presence and range, `dvc metrics diff` shows it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from stages.common import CLASS_NAMES, NUM_CLASSES
+
+PREPARED_DIR = Path("data/prepared")
+MODEL_PATH = Path("data/model/model.keras")
+METRICS_PATH = Path("metrics/metrics.json")
+HISTORY_CSV = Path("plots/train_history.csv")
+CONFUSION_CSV = Path("plots/confusion.csv")
+PER_CLASS_CSV = Path("plots/per_class.csv")
+CURVES_PNG = Path("plots/training_curves.png")
+CONFUSION_PNG = Path("plots/confusion_matrix.png")
+PREDICTIONS_PNG = Path("plots/predictions.png")
+
+# What each stage writes, as dvc.yaml declares it (outs and metrics).
+STAGE_OUTPUTS: dict[str, tuple[Path, ...]] = {
+    "prepare": (PREPARED_DIR,),
+    "train": (MODEL_PATH, HISTORY_CSV),
+    "evaluate": (METRICS_PATH, CONFUSION_CSV, PER_CLASS_CSV, CURVES_PNG, CONFUSION_PNG, PREDICTIONS_PNG),
+}
+PNGS = (CURVES_PNG, CONFUSION_PNG, PREDICTIONS_PNG)
+
+# Keras' CSVLogger writes `epoch` then the logs in sorted order: the compiled loss and accuracy,
+# for the training and the validation data.
+HISTORY_COLUMNS = ("epoch", "accuracy", "loss", "val_accuracy", "val_loss")
+CLASS_SCORES = ("precision", "recall", "f1")
+CSV_COLUMNS: dict[Path, tuple[str, ...]] = {
+    HISTORY_CSV: HISTORY_COLUMNS,
+    CONFUSION_CSV: ("actual", "predicted"),  # one row per test image, for DVC's confusion template
+    PER_CLASS_CSV: ("class", *CLASS_SCORES, "support"),
+}
+DIGITS = 6  # metrics and CSV floats are rounded to this many decimals
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """What the metrics are computed from: class probabilities and true labels of both splits."""
+
+    test_probs: np.ndarray
+    y_test: np.ndarray
+    val_probs: np.ndarray
+    y_val: np.ndarray
+
+    def per_class(self) -> pd.DataFrame:
+        return per_class_scores(confusion_matrix(self.y_test, self.test_probs.argmax(axis=1)))
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A headline number of metrics.json: how it is computed, and the range validate accepts."""
+
+    compute: Callable[[Predictions], float]
+    low: float = 0.0
+    high: float = 1.0
+
+
+def accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
+    return float(np.mean(probs.argmax(axis=1) == labels))
+
+
+def cross_entropy(probs: np.ndarray, y_true: np.ndarray) -> float:
+    """Mean sparse categorical cross-entropy, clipped like Keras' (epsilon 1e-7)."""
+    picked = np.clip(probs[np.arange(len(y_true)), y_true], 1e-7, 1.0)
+    return float(-np.mean(np.log(picked)))
+
+
+HEADLINE_METRICS: dict[str, Metric] = {
+    "accuracy": Metric(lambda p: accuracy(p.test_probs, p.y_test)),
+    "loss": Metric(lambda p: cross_entropy(p.test_probs, p.y_test), high=math.inf),
+    "macro_f1": Metric(lambda p: float(p.per_class()["f1"].mean())),
+    "val_accuracy": Metric(lambda p: accuracy(p.val_probs, p.y_val)),
+}
+
+
+def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
+    """Rows: actual class, columns: predicted class."""
+    pairs = y_true.astype(np.int64) * NUM_CLASSES + y_pred.astype(np.int64)
+    return np.bincount(pairs, minlength=NUM_CLASSES**2).reshape(NUM_CLASSES, NUM_CLASSES)
+
+
+def per_class_scores(cm: np.ndarray) -> pd.DataFrame:
+    """Precision, recall, F1 and support per class; 0 where a class is never predicted/present."""
+    true_pos = np.diag(cm).astype(np.float64)
+    predicted, support = cm.sum(axis=0), cm.sum(axis=1)
+    precision = np.divide(true_pos, predicted, out=np.zeros_like(true_pos), where=predicted > 0)
+    recall = np.divide(true_pos, support, out=np.zeros_like(true_pos), where=support > 0)
+    denom = precision + recall
+    f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(true_pos), where=denom > 0)
+    frame = pd.DataFrame({"class": CLASS_NAMES, "precision": precision, "recall": recall, "f1": f1, "support": support})
+    return frame[list(CSV_COLUMNS[PER_CLASS_CSV])]
+
+
+def compute_metrics(predictions: Predictions) -> dict:
+    """The metrics.json document: headline numbers first, then per-class scores by class name."""
+    scores = predictions.per_class()
+    per_class = {
+        row["class"]: {key: round(float(row[key]), DIGITS) for key in CLASS_SCORES} for _, row in scores.iterrows()
+    }
+    headline = {name: round(metric.compute(predictions), DIGITS) for name, metric in HEADLINE_METRICS.items()}
+    return {**headline, "per_class": per_class}

@@ -1,4 +1,6 @@
-"""Things every stage shares, defined once: paths, class names, errors, atomic writes, seeding."""
+"""Things every stage shares, defined once: class names, errors, atomic writes, loading, seeding.
+
+Output paths and their contents are defined in stages/outputs.py."""
 
 from __future__ import annotations
 
@@ -8,7 +10,9 @@ import os
 import shutil
 import sys
 import tempfile
+import zipfile
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,15 +33,6 @@ CLASS_NAMES: tuple[str, ...] = (
 NUM_CLASSES = len(CLASS_NAMES)
 IMAGE_SHAPE = (28, 28)
 
-PREPARED_DIR = Path("data/prepared")
-MODEL_PATH = Path("data/model/model.keras")
-METRICS_PATH = Path("metrics/metrics.json")
-HISTORY_CSV = Path("plots/train_history.csv")
-CONFUSION_CSV = Path("plots/confusion.csv")
-PER_CLASS_CSV = Path("plots/per_class.csv")
-CURVES_PNG = Path("plots/training_curves.png")
-CONFUSION_PNG = Path("plots/confusion_matrix.png")
-PREDICTIONS_PNG = Path("plots/predictions.png")
 
 SPLITS = ("train", "val", "test")
 
@@ -93,6 +88,9 @@ def write_json_atomic(target: Path, data: Any) -> None:
     write_text_atomic(target, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
+FLIP_TTA_KEY = "wardrobe_flip_tta"  # in the model file's metadata.json, written by train
+
+
 def load_model(path: Path) -> Any:
     """Load a saved Keras model safely (no code from the file) and check it maps 28×28 to 10 classes."""
     import keras
@@ -110,15 +108,38 @@ def load_model(path: Path) -> Any:
     return model
 
 
-def wants_flip_tta(model: Any, setting: str) -> bool:
-    """auto: average over mirrored images only for models trained with flips (they contain a
+def decide_flip_tta(model: Any, setting: str) -> bool:
+    """The one test-time-augmentation policy (train records the decision in the model file).
+
+    auto: average over mirrored images only for models trained with flips (they contain a
     RandomFlip layer); on a model trained without, flip-TTA costs accuracy (measured: -6 points
-    for the mlp)."""
+    for the mlp). always / never force it.
+    """
     if setting == "auto":
         import keras
 
         return any(isinstance(layer, keras.layers.RandomFlip) for layer in model.layers)
     return setting == "always"
+
+
+@dataclass(frozen=True)
+class Classifier:
+    """A saved model and the test-time augmentation its file records: what evaluate, predict and
+    the benchmarks all predict with, so they agree without params.yaml."""
+
+    model: Any
+    flip_tta: bool
+
+    def predict_proba(self, x: np.ndarray, batch_size: int) -> np.ndarray:
+        return predict_proba(self.model, x, batch_size, self.flip_tta)
+
+
+def load_classifier(path: Path) -> Classifier:
+    model = load_model(path)
+    with zipfile.ZipFile(path) as archive:
+        metadata = json.loads(archive.read("metadata.json"))
+    recorded = metadata.get(FLIP_TTA_KEY)
+    return Classifier(model, decide_flip_tta(model, "auto") if recorded is None else bool(recorded))
 
 
 def predict_proba(model: Any, x: np.ndarray, batch_size: int, flip_tta: bool) -> np.ndarray:
@@ -130,11 +151,20 @@ def predict_proba(model: Any, x: np.ndarray, batch_size: int, flip_tta: bool) ->
 
 
 def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and TensorFlow, and make TF ops deterministic: same inputs, same bits."""
+    """Seed Python, NumPy and TensorFlow (and so Keras' initializers, dropout and augmentation)."""
     import keras
-    import tensorflow as tf
 
     keras.utils.set_random_seed(seed)
+
+
+def enable_determinism() -> None:
+    """Make TensorFlow ops deterministic: same inputs, same bits (a little slower).
+
+    Process-wide and one-way (TensorFlow has no public switch back), so only entry points call
+    it: `python -m stages.train`, and the tests and benchmarks that compare bits, by name.
+    """
+    import tensorflow as tf
+
     tf.config.experimental.enable_op_determinism()
 
 
@@ -154,15 +184,15 @@ def find_tool(name: str) -> str:
     return found
 
 
-def run_main(body: Callable[[], None]) -> None:
-    """Run a stage body: a WardrobeError becomes one line on stderr and exit status 1.
+def run_main(body: Callable[[], None], debug: bool = False) -> None:
+    """The one entry-point wrapper: a WardrobeError becomes one line on stderr and exit status 1.
 
-    Set WARDROBE_DEBUG=1 to see the full traceback instead.
+    WARDROBE_DEBUG=1 (any command) or `debug` (predict's --debug) shows the full traceback instead.
     """
     try:
         body()
     except WardrobeError as exc:
-        if os.environ.get("WARDROBE_DEBUG"):
+        if debug or os.environ.get("WARDROBE_DEBUG"):
             raise
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)

@@ -99,6 +99,10 @@ class TrainParams:
     # batch_size is per replica; the learning rate scales with replicas.
     strategy: Literal["auto", "mirrored", "multi_worker"]
     seed: int = field(metadata=NON_NEGATIVE)
+    # Test-time augmentation, saved in the model file so evaluate, predict and any copy of the
+    # artifact apply the same: average each image's prediction with its mirror's. auto: only for
+    # models trained with flips (it costs accuracy on the others); always / never force it.
+    tta_flip: Literal["auto", "always", "never"]
 
     def __post_init__(self) -> None:
         if self.filters and self.convs_per_block and len(self.convs_per_block) != len(self.filters):
@@ -110,9 +114,6 @@ class TrainParams:
 
 @dataclass(frozen=True)
 class EvaluateParams:
-    # Average predictions over each image and its mirror. auto: only for models trained with
-    # flips (it costs accuracy on the others); always / never force it.
-    tta_flip: Literal["auto", "always", "never"]
     batch_size: int = field(metadata=POSITIVE)
     example_grid: int = field(metadata=_rule(lambda v: 1 <= v <= 10, "must be in 1..10"))
 

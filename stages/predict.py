@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,15 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from stages.common import (
-    CLASS_NAMES,
-    IMAGE_SHAPE,
-    MODEL_PATH,
-    WardrobeError,
-    load_model,
-    predict_proba,
-    wants_flip_tta,
-)
+from stages.common import CLASS_NAMES, IMAGE_SHAPE, Classifier, WardrobeError, load_classifier, run_main
+from stages.outputs import MODEL_PATH
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif"}
 # Decoding is refused above this many pixels (a 64-megapixel photo), before any pixel is read.
@@ -146,10 +138,10 @@ def top_k(probs: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
     return [[(CLASS_NAMES[j], float(row[j])) for j in idx] for row, idx in zip(probs, order, strict=True)]
 
 
-def predict(model, items: list[Item], batch_size: int) -> np.ndarray:
-    """Probabilities as evaluate computes them (flip-TTA for flip-trained models, as its default)."""
+def predict(classifier: Classifier, items: list[Item], batch_size: int) -> np.ndarray:
+    """Probabilities as evaluate computes them: the test-time augmentation the model file records."""
     pixels = np.stack([item.pixels for item in items])
-    return predict_proba(model, pixels, batch_size, wants_flip_tta(model, "auto"))
+    return classifier.predict_proba(pixels, batch_size)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -170,8 +162,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> None:
     items = collect(args.paths)
-    model = load_model(args.model)
-    for item, best in zip(items, top_k(predict(model, items, args.batch_size), args.top_k), strict=True):
+    classifier = load_classifier(args.model)
+    for item, best in zip(items, top_k(predict(classifier, items, args.batch_size), args.top_k), strict=True):
         if args.json:
             record = {"path": item.label, "top_k": [{"class": c, "probability": round(p, 6)} for c, p in best]}
             print(json.dumps(record))
@@ -181,13 +173,7 @@ def run(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    try:
-        run(args)
-    except WardrobeError as exc:
-        if args.debug:
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(1)
+    run_main(lambda: run(args), debug=args.debug)
 
 
 if __name__ == "__main__":

@@ -17,12 +17,12 @@ import numpy as np
 import tensorflow as tf
 
 from stages.common import (
-    HISTORY_CSV,
-    MODEL_PATH,
+    FLIP_TTA_KEY,
     NUM_CLASSES,
-    PREPARED_DIR,
     WardrobeError,
     atomic_path,
+    decide_flip_tta,
+    enable_determinism,
     load_split,
     run_main,
     seed_everything,
@@ -36,6 +36,7 @@ from stages.distribute import (
     writes_outputs,
 )
 from stages.model import build_model
+from stages.outputs import HISTORY_CSV, MODEL_PATH, PREPARED_DIR
 from stages.params import TrainParams, load_section
 
 
@@ -175,8 +176,9 @@ def fit(
     return model
 
 
-def save_model(model: keras.Model, path: Path) -> None:
-    """model.save, minus what makes equal models differ in bytes, so DVC's hash of it is stable.
+def save_model(model: keras.Model, path: Path, flip_tta: bool) -> None:
+    """model.save, minus what makes equal models differ in bytes, so DVC's hash of it is stable,
+    plus the test-time augmentation every user of the file must apply (common.load_classifier).
 
     Keras writes the save time into metadata.json, numbers shared objects in config.json by
     their memory address, and dates zip entries with the clock; the weights are already exact.
@@ -187,7 +189,8 @@ def save_model(model: keras.Model, path: Path) -> None:
     with zipfile.ZipFile(path, "w") as archive:
         for info, data in entries:
             if info.filename == "metadata.json":
-                data = json.dumps({k: v for k, v in json.loads(data).items() if k != "date_saved"}).encode()
+                metadata = {k: v for k, v in json.loads(data).items() if k != "date_saved"}
+                data = json.dumps({**metadata, FLIP_TTA_KEY: flip_tta}).encode()
             elif info.filename == "config.json":
                 data = json.dumps(renumber_shared_objects(json.loads(data), {})).encode()
             archive.writestr(zipfile.ZipInfo(info.filename), data, compress_type=info.compress_type)
@@ -209,6 +212,7 @@ def renumber_shared_objects(config: Any, numbers: dict[int, int]) -> Any:
 
 def main() -> None:
     params = load_section(TrainParams)
+    enable_determinism()  # the pipeline's promise: same params, data and code, same bits
     strategy = distribution_strategy(params.strategy)  # first: it may set up a cluster
     train = load_split(PREPARED_DIR, "train")
     val = load_split(PREPARED_DIR, "val")
@@ -221,7 +225,7 @@ def main() -> None:
     # Both outputs are written to temp files and renamed only after a successful fit.
     with atomic_path(HISTORY_CSV) as history_tmp, atomic_path(MODEL_PATH) as model_tmp:
         model = fit(params, train, val, history_tmp, verbose=2, strategy=strategy)
-        save_model(model, model_tmp)
+        save_model(model, model_tmp, decide_flip_tta(model, params.tta_flip))
     print(f"train: wrote {MODEL_PATH} and {HISTORY_CSV}")
 
 

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import struct
 import zlib
 from pathlib import Path
@@ -13,8 +14,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from stages.common import WardrobeError
-from stages.predict import collect, load_image, to_training_format, top_k
+from stages.common import WardrobeError, decide_flip_tta, load_classifier, load_model
+from stages.outputs import MODEL_PATH
+from stages.predict import collect, load_image, main, to_training_format, top_k
 from tests.conftest import run_module, save_wrong_shape_model, write_params
 
 
@@ -75,6 +77,35 @@ def test_predict_agrees_with_evaluate_on_exported_test_images(trained: Path) -> 
     assert [r["top_k"][0]["class"] for r in records] == expected
     assert all(len(r["top_k"]) == 3 for r in records)
     assert all(r["top_k"][0]["probability"] >= r["top_k"][1]["probability"] for r in records)
+
+
+@pytest.mark.parametrize("setting", ["auto", "always", "never"])
+def test_predict_agrees_with_evaluate_under_every_tta_setting(
+    trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, setting: str
+) -> None:
+    """train.tta_flip is decided once and written into the model file; evaluate and predict both
+    read it from there, so they agree, and a downloaded model needs no params.yaml."""
+    from stages.evaluate import main as evaluate_main
+    from stages.train import save_model
+
+    work = tmp_path / "w"
+    shutil.copytree(trained, work)
+    model = load_model(work / MODEL_PATH)
+    flip = decide_flip_tta(model, setting)  # the tiny model is an mlp: auto means no flip-TTA
+    assert flip is {"auto": False, "always": True, "never": False}[setting]
+    save_model(model, work / MODEL_PATH, flip)  # what train writes for train.tta_flip=setting
+    monkeypatch.chdir(work)
+    evaluate_main()
+    capsys.readouterr()
+    main(["pngs", "--json", "--batch-size", "7"])
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    expected = pd.read_csv("plots/confusion.csv")["predicted"].tolist()
+    assert [r["top_k"][0]["class"] for r in records] == expected
+    classifier = load_classifier(MODEL_PATH)
+    assert classifier.flip_tta is flip
+    x = np.load("data/prepared/x_test.npy")
+    plain = classifier.model.predict(x, verbose=0)
+    assert np.allclose(classifier.predict_proba(x, 64), plain, atol=1e-6) is not flip  # TTA really differs
 
 
 def test_predict_npy_and_text_output(trained: Path) -> None:

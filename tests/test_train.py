@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -10,11 +12,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from stages.common import WardrobeError, load_model
+from stages.common import FLIP_TTA_KEY, WardrobeError, enable_determinism, load_model
 from stages.params import parse_params
 from stages.prepare import normalize
 from stages.train import cpu_has_bf16, dtype_policy, fit, make_dataset, resolve_precision, save_model
-from tests.conftest import synthetic_images
+from tests.conftest import REPO, module_env, synthetic_images
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +63,7 @@ def test_fit_writes_history_from_epoch_one(tmp_path: Path, data, params) -> None
             "arch": "cnn",
             "filters": (4,),
             "convs_per_block": (1,),
+            "bn_momentum": 0.9,
             "dense_units": 8,
             "optimizer": "adamw",
             "lr_schedule": "cosine",
@@ -75,6 +78,7 @@ def test_fit_writes_history_from_epoch_one(tmp_path: Path, data, params) -> None
     ids=["mlp", "cnn-all-options"],
 )
 def test_fit_is_deterministic(tmp_path: Path, data, params, overrides: dict) -> None:
+    enable_determinism()  # what `python -m stages.train` does (one-way, for the rest of this process)
     params = dataclasses.replace(params, **overrides)
     # clear_session: as in a new train process, layer names restart (dense, not dense_1).
     keras.backend.clear_session()
@@ -85,11 +89,11 @@ def test_fit_is_deterministic(tmp_path: Path, data, params, overrides: dict) -> 
         np.testing.assert_array_equal(a, b)
     assert (tmp_path / "a.csv").read_text() == (tmp_path / "b.csv").read_text()
     # Equal models, equal files: no save time, no memory addresses, no clock in the zip.
-    save_model(first, tmp_path / "a.keras")
-    save_model(second, tmp_path / "b.keras")
+    save_model(first, tmp_path / "a.keras", flip_tta=False)
+    save_model(second, tmp_path / "b.keras", flip_tta=False)
     assert (tmp_path / "a.keras").read_bytes() == (tmp_path / "b.keras").read_bytes()
     with zipfile.ZipFile(tmp_path / "a.keras") as archive:  # saved in the same second, so check these
-        assert json.loads(archive.read("metadata.json")) == {"keras_version": keras.__version__}
+        assert json.loads(archive.read("metadata.json")) == {"keras_version": keras.__version__, FLIP_TTA_KEY: False}
         assert {info.date_time for info in archive.infolist()} == {(1980, 1, 1, 0, 0, 0)}
     np.testing.assert_array_equal(
         load_model(tmp_path / "a.keras").predict(data[1][0], verbose=0), first.predict(data[1][0], verbose=0)
@@ -123,3 +127,24 @@ def test_precision_policy_is_restored_and_output_stays_float32(tmp_path: Path, d
     assert model.layers[2].compute_dtype == "bfloat16"
     assert model.output.dtype == "float32"
     assert keras.mixed_precision.global_policy().name == "float32"
+
+
+def test_fit_leaves_op_determinism_to_the_entry_point(tmp_path: Path) -> None:
+    """A library caller (bench, a notebook) of fit() does not silently get deterministic, slower ops
+    for the rest of its process; `python -m stages.train` turns them on (main)."""
+    code = f"""
+import numpy as np, yaml
+from pathlib import Path
+from stages.params import compose, parse_params
+from stages.train import fit
+from tensorflow.python.framework import config  # (is_op_determinism_enabled is not public)
+params = parse_params(yaml.safe_load(compose(Path({str(REPO / "conf")!r}), ["train=mlp", "train.epochs=1"]))).train
+x, y = np.random.default_rng(0).random((20, 28, 28), dtype=np.float32), np.arange(20, dtype=np.uint8) % 10
+fit(params, (x, y), (x, y), Path("h.csv"), verbose=0)
+print(config.is_op_determinism_enabled())
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=module_env(), capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"

@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 DATASET_DIR := /usr/share/datasets/fashion-mnist
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: venv dataset params repro test lint format bench ci ci-steps validate report release clean
+.PHONY: venv dataset params repro test test-fast lint format bench ci ci-steps validate report release clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -34,6 +34,10 @@ repro: venv dataset
 
 test: venv
 	$(PY) -m pytest
+
+# The unit tier: no subprocess pipelines (tests marked `pipeline` by tests/conftest.py).
+test-fast: venv
+	$(PY) -m pytest -m "not pipeline"
 
 lint: venv
 	$(VENV)/bin/ruff check .

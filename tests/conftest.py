@@ -191,3 +191,24 @@ def save_wrong_shape_model(path: Path) -> None:
 
     inputs = keras.Input((32, 32))
     keras.Model(inputs, keras.layers.Dense(10)(keras.layers.Flatten()(inputs))).save(path)
+
+
+# The fast tier (`make test-fast`, `pytest -m "not pipeline"`) leaves out every test that runs
+# stage commands, dvc, git or make in subprocesses: whole modules of them, tests using a fixture
+# that builds a project that way, and tests whose own code starts one.
+PIPELINE_MODULES = {"test_pipeline", "test_ci", "test_readme", "test_scaling"}
+PIPELINE_FIXTURES = {"work", "done", "trained", "project", "clean", "clone"}
+SUBPROCESS_CALLS = ("run_module(", "sh(", "subprocess.run(", "subprocess.Popen(", "_python(")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    import inspect
+
+    for item in items:
+        source = inspect.getsource(item.function) if isinstance(item, pytest.Function) else ""
+        if (
+            item.module.__name__.rsplit(".", 1)[-1] in PIPELINE_MODULES
+            or PIPELINE_FIXTURES & set(getattr(item, "fixturenames", ()))
+            or any(call in source for call in SUBPROCESS_CALLS)
+        ):
+            item.add_marker(pytest.mark.pipeline)

@@ -9,6 +9,7 @@ import hashlib
 import os
 import re
 import shutil
+import socket
 import struct
 import subprocess
 import sys
@@ -166,6 +167,13 @@ def make_project(repo: Path, params: dict) -> Path:
     return repo
 
 
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (for servers the tests start on loopback)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def module_env(**extra: str) -> dict[str, str]:
     """The environment DVC would give a stage: this checkout importable, plus `extra`."""
     return {**os.environ, "PYTHONPATH": str(REPO), **extra}
@@ -196,7 +204,7 @@ def save_wrong_shape_model(path: Path) -> None:
 # The fast tier (`make test-fast`, `pytest -m "not pipeline"`) leaves out every test that runs
 # stage commands, dvc, git or make in subprocesses: whole modules of them, tests using a fixture
 # that builds a project that way, and tests whose own code starts one.
-PIPELINE_MODULES = {"test_pipeline", "test_ci", "test_readme", "test_scaling"}
+PIPELINE_MODULES = {"test_pipeline", "test_validate", "test_readme", "test_scaling"}
 PIPELINE_FIXTURES = {"work", "done", "trained", "project", "clean", "clone"}
 SUBPROCESS_CALLS = ("run_module(", "sh(", "subprocess.run(", "subprocess.Popen(", "_python(")
 

@@ -57,22 +57,3 @@ def test_evaluate_without_model_fails_cleanly(tmp_path: Path, params_dict: dict)
     )
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "metrics").exists()
-
-
-def test_flip_tta_only_for_flip_trained_models() -> None:
-    import keras
-
-    from stages.common import decide_flip_tta, predict_proba
-
-    plain_in = keras.Input((28, 28))
-    plain = keras.Model(plain_in, keras.layers.Dense(10, activation="softmax")(keras.layers.Flatten()(plain_in)))
-    flip_in = keras.Input((28, 28, 1))
-    flipped = keras.Model(flip_in, keras.layers.RandomFlip("horizontal")(flip_in))
-    assert decide_flip_tta(plain, "auto") is False
-    assert decide_flip_tta(flipped, "auto") is True
-    assert decide_flip_tta(plain, "always") is True and decide_flip_tta(flipped, "never") is False
-    x = np.random.default_rng(0).random((3, 28, 28), dtype=np.float32)
-    averaged = predict_proba(plain, x, 2, flip_tta=True)
-    expected = (plain.predict(x, verbose=0) + plain.predict(x[:, :, ::-1], verbose=0)) / 2
-    # Other batch sizes take other oneDNN kernels: equal to a few float32 ulps, not bit for bit.
-    np.testing.assert_allclose(averaged, expected, rtol=1e-5)

@@ -9,7 +9,6 @@ import gzip
 import hashlib
 import http.server
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -26,9 +25,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from stages.common import WardrobeError
-from stages.distribute import check_tf_config
 from stages.prepare import decompress, parse_idx
 from tests.conftest import REPO, idx_bytes, module_env, run_module, save_wrong_shape_model, write_params
+from tests.test_distribute import TF_CONFIG_CASES
 
 OUTPUTS = {
     "prepare": ["data/prepared/x_train.npy", "data/prepared/y_test.npy"],
@@ -262,21 +261,6 @@ def test_diverging_training_writes_no_model(work: Path) -> None:
     assert_failed_cleanly(
         run_stage("train", work), "train: loss became nan at epoch 1; lower train.learning_rate", before, work
     )
-
-
-TF_CONFIG_CASES = [
-    (None, "train.strategy: multi_worker needs TF_CONFIG set on every worker"),
-    ("{worker", "TF_CONFIG: not valid JSON"),
-    ('{"cluster": {"worker": ["127.0.0.1:1"]}}', 'TF_CONFIG: needs "cluster" (addresses per task type) and "task"'),
-    ('{"cluster": {"worker": ["127.0.0.1:1"]}, "task": {"type": "worker", "index": 1}}', "is not in cluster"),
-    ('{"cluster": {"worker": ["127.0.0.1:1"]}, "task": {"type": "ps", "index": 0}}', "is not in cluster"),
-]
-
-
-@pytest.mark.parametrize(("tf_config", "message"), TF_CONFIG_CASES)
-def test_bad_tf_config_is_one_clear_line(tf_config: str | None, message: str) -> None:
-    with pytest.raises(WardrobeError, match=re.escape(message)):
-        check_tf_config(tf_config)
 
 
 @pytest.mark.parametrize(("tf_config", "message"), TF_CONFIG_CASES[:2], ids=["unset", "not JSON"])

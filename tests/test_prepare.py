@@ -2,18 +2,21 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import http.server
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from stages.common import WardrobeError, load_split
-from stages.params import parse_params
+from stages.params import IDX_FILES, parse_params
 from stages.prepare import (
     check_pair,
     decompress,
     download,
     fetch_verified,
+    load_dataset,
     normalize,
     parse_idx,
     stratified_split,
@@ -162,3 +165,33 @@ def test_prepare_failure_keeps_previous_output(tmp_path: Path, params_dict: dict
     assert len(result.stderr.strip().splitlines()) == 1
     assert (tmp_path / "data/prepared/x_train.npy").read_bytes() == before
     assert [p.name for p in (tmp_path / "data").iterdir()] == ["prepared"]  # no temp dirs left
+
+
+def test_download_from_a_mirror_gives_the_same_arrays_as_a_local_directory(
+    params_dict: dict, idx_source: tuple[Path, dict[str, str]]
+) -> None:
+    """The path every user without the Debian package takes (and the GitHub workflow): the four
+    files come over HTTP from a mirror (here on 127.0.0.1, the only place plain HTTP is allowed)."""
+    directory, _ = idx_source
+    requested: list[str] = []
+
+    class Mirror(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, directory=str(directory), **kwargs)
+
+        def log_message(self, format: str, *args: object) -> None:
+            requested.append(self.path)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Mirror)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/"
+        downloaded = load_dataset(_params(params_dict, [url]))
+    finally:
+        server.shutdown()
+        server.server_close()
+    local = load_dataset(_params(params_dict, [str(directory)]))
+    assert sorted(requested) == sorted(f"/{name}.gz" for name in IDX_FILES)
+    assert downloaded.keys() == local.keys()
+    for name, array in local.items():
+        np.testing.assert_array_equal(downloaded[name], array, err_msg=name)

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import keras
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 from PIL import Image
@@ -272,8 +273,18 @@ def _like(shown: str) -> str:
 
 def _as_shown(clone: Clone, command: Command) -> None:
     """Run a ```console command: same exit status as shown (`error:` means 1) and the same lines,
-    classes and probabilities aside (the README's come from the real model). JSON lines: same keys."""
+    classes and probabilities aside (the README's come from the real model). JSON lines: same keys.
+    An input that is a test image gets evaluate's class for it (the clone's model is a flip-trained
+    cnn, so with the flip-TTA its file records)."""
     result = clone.run(command)
+    evaluated = pd.read_csv(clone.path / "plots/confusion.csv")["predicted"]
+    for line in result.stdout.splitlines():
+        name, _, rest = line.partition(": ")
+        if name in clone.results["test_rows"]:
+            assert rest.startswith(evaluated[clone.results["test_rows"][name]] + " ("), line
+        elif line.startswith("{") and json.loads(line)["path"] in clone.results["test_rows"]:
+            record = json.loads(line)
+            assert record["top_k"][0]["class"] == evaluated[clone.results["test_rows"][record["path"]]]
     shown_error = any(line.startswith("error:") for line in command.output)
     assert result.returncode == (1 if shown_error else 0), result.stderr
     lines = (result.stderr if shown_error else result.stdout).strip().splitlines()
@@ -347,15 +358,20 @@ def test_extraction_reads_bash_and_console_blocks() -> None:
     ]
 
 
-def _user_images(folder: Path, x: np.ndarray, y: np.ndarray) -> None:
-    """The pictures the Predict example names: exported test images, a product photo, an array."""
-    first = {label: x[np.flatnonzero(y == label)[0]] for label in range(10)}
+def _user_images(folder: Path, x: np.ndarray, y: np.ndarray) -> dict[str, int]:
+    """The pictures the Predict example names: exported test images, a product photo, an array.
+    Returns which test image each 28×28 input is (its row in plots/confusion.csv)."""
+    index = {label: int(np.flatnonzero(y == label)[0]) for label in range(10)}
+    first = {label: x[i] for label, i in index.items()}
     Image.fromarray(first[9]).save(folder / "boot.png")  # Ankle boot
     Image.fromarray(first[6]).save(folder / "shirt.png")  # Shirt
     photo = np.full((180, 120), 255, dtype=np.uint8)  # a dark garment on a white page
     photo[30:150, 20:100] = 255 - np.kron(first[9][4:24, 4:24], np.ones((6, 4), dtype=np.uint8))
     Image.fromarray(photo).save(folder / "photo.jpg", quality=95)
     np.save(folder / "three.npy", np.stack([first[9], first[2], first[1]]))
+    return {"boot.png": index[9], "shirt.png": index[6]} | {
+        f"three.npy[{k}]": index[label] for k, label in enumerate((9, 2, 1))
+    }
 
 
 @pytest.fixture(scope="module")
@@ -384,9 +400,8 @@ def clone(tmp_path_factory: pytest.TempPathFactory, idx_source: tuple[Path, dict
     sh(repo, "git", "commit", "-qm", "baseline")
     sh(repo, "git", "push", "-q", "origin", "main")
     x_test, y_test = synthetic_images(4, seed=2)
-    _user_images(repo, x_test, y_test)
     (root / "elsewhere").mkdir()
-    return Clone(repo, origin, root / "elsewhere")
+    return Clone(repo, origin, root / "elsewhere", {"test_rows": _user_images(repo, x_test, y_test)})
 
 
 def _reset(clone: Clone) -> None:

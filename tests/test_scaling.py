@@ -1,14 +1,9 @@
-"""Beyond one machine, for real on loopback: DVC remotes (a directory and an S3-compatible
-server), the one-machine strategies, and two MultiWorkerMirroredStrategy workers."""
+"""Sharing data and models through DVC remotes, for real on loopback: a directory and an
+S3-compatible server. (Training on several devices or hosts: tests/test_distribute.py.)"""
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
-import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,20 +11,9 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
 import pytest
-import yaml
 
-from stages.common import load_model
-from stages.outputs import HISTORY_CSV, MODEL_PATH
-from tests.conftest import REPO, make_project, module_env, repro, run_module, set_params, sh, tiny_params, write_params
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from tests.conftest import free_port, make_project, repro, sh, tiny_params
 
 
 @pytest.fixture(scope="module")
@@ -101,125 +85,3 @@ def test_push_then_pull_in_a_fresh_clone(
     assert tracked_files(clone) == tracked_files(repo)  # byte-identical data, model and results
     assert repro(clone) == []
     assert "Data and pipelines are up to date" in sh(clone, "dvc", "status").stdout
-
-
-def test_mirrored_strategy_trains(tmp_path: Path, idx_source: tuple[Path, dict[str, str]]) -> None:
-    """The distribution code path (strategy scope, per-replica batch) on the replicas visible here."""
-    import dataclasses
-
-    import tensorflow as tf
-
-    from stages.distribute import distribution_strategy
-    from stages.params import parse_params
-    from stages.prepare import normalize
-    from stages.train import fit
-    from tests.conftest import synthetic_images
-
-    params = dataclasses.replace(parse_params(tiny_params(*idx_source)).train, strategy="mirrored", epochs=2)
-    assert isinstance(distribution_strategy("mirrored"), tf.distribute.MirroredStrategy)
-    if len(tf.config.list_logical_devices("GPU")) < 2:  # auto mirrors only across several GPUs
-        assert not isinstance(distribution_strategy("auto"), tf.distribute.MirroredStrategy)
-    x, y = synthetic_images(8, seed=3)
-    model = fit(params, (normalize(x), y), (normalize(x), y), tmp_path / "h.csv", verbose=0)
-    assert (tmp_path / "h.csv").read_text().count("\n") == 3
-    assert float(np.mean(model.predict(normalize(x), verbose=0).argmax(1) == y)) > 0.3
-
-
-def two_host_projects(tmp_path: Path, params: dict) -> tuple[Path, Path]:
-    """Two copies of a prepared tiny project, as on two hosts (same commit, same data/prepared)."""
-    chief = tmp_path / "host0"
-    chief.mkdir()
-    write_params(chief, params)
-    assert run_module("stages.prepare", cwd=chief).returncode == 0
-    shutil.copytree(chief, tmp_path / "host1")
-    return chief, tmp_path / "host1"
-
-
-def written_files(project: Path) -> list[Path]:
-    """Files train added to a project made by two_host_projects (temp files included)."""
-    return [
-        path
-        for path in project.rglob("*")
-        if path.is_file() and path.name != "params.yaml" and not {"prepared", "conf"} & set(path.parts)
-    ]
-
-
-def start_workers(*directories: Path) -> list[subprocess.Popen]:
-    """`python -m stages.train` in each directory, as the workers of one cluster on 127.0.0.1."""
-    cluster = {"worker": [f"127.0.0.1:{free_port()}" for _ in directories]}
-    return [
-        subprocess.Popen(
-            [sys.executable, "-m", "stages.train"],
-            cwd=directory,
-            env=module_env(
-                TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}),
-                PYTHONUNBUFFERED="1",
-            ),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for index, directory in enumerate(directories)
-    ]
-
-
-@contextlib.contextmanager
-def killed_at_exit(processes: list[subprocess.Popen]) -> Iterator[list[subprocess.Popen]]:
-    try:
-        yield processes
-    finally:
-        for process in processes:
-            process.kill()
-            process.communicate()
-
-
-def test_two_workers_train_what_one_process_trains(tmp_path: Path, idx_source: tuple[Path, dict[str, str]]) -> None:
-    """Two MultiWorkerMirroredStrategy workers on 127.0.0.1, each in its own copy of the project:
-    both finish, only the chief writes, and the model is the one a single process trains on the
-    same global batch (2 × 15) with the same scaled learning rate."""
-    params = tiny_params(*idx_source)
-    set_params(params, train__epochs=2, train__batch_size=15, train__dropout=0.0, train__strategy="multi_worker")
-    chief, worker = two_host_projects(tmp_path, params)
-    single = tmp_path / "single"
-    shutil.copytree(chief, single)
-    mlp_learning_rate = yaml.safe_load((REPO / "conf/train/mlp.yaml").read_text())["learning_rate"]
-    single_train = {**params["train"], "strategy": "auto", "batch_size": 30, "learning_rate": 2 * mlp_learning_rate}
-    write_params(single, {**params, "train": single_train})
-
-    with killed_at_exit(start_workers(chief, worker)) as workers:
-        outputs = [process.communicate(timeout=240) for process in workers]
-    for process, (stdout, stderr) in zip(workers, outputs, strict=True):
-        assert process.returncode == 0, stdout + stderr
-    assert f"wrote {MODEL_PATH}" in outputs[0][0]
-    assert "worker 1 done; the chief writes" in outputs[1][0]
-    assert written_files(worker) == []
-
-    assert run_module("stages.train", cwd=single).returncode == 0
-    multi_history = pd.read_csv(chief / HISTORY_CSV)
-    assert list(multi_history["epoch"]) == [1, 2]
-    np.testing.assert_allclose(multi_history.to_numpy(), pd.read_csv(single / HISTORY_CSV).to_numpy(), rtol=1e-4)
-    single_weights = load_model(single / MODEL_PATH).get_weights()
-    for multi, one in zip(load_model(chief / MODEL_PATH).get_weights(), single_weights, strict=True):
-        np.testing.assert_allclose(multi, one, rtol=1e-4, atol=1e-6)
-
-
-def test_a_stopped_worker_fails_the_chief_cleanly(tmp_path: Path, idx_source: tuple[Path, dict[str, str]]) -> None:
-    """SIGTERM stops a worker (TF would take it as a preemption notice and train on); the chief
-    notices within seconds and exits with one line, writing no model."""
-    params = tiny_params(*idx_source)
-    set_params(params, train__epochs=100_000, train__batch_size=15, train__strategy="multi_worker")
-    chief, worker = two_host_projects(tmp_path, params)
-    with killed_at_exit(start_workers(chief, worker)) as (chief_process, worker_process):
-        for line in worker_process.stdout:  # wait until they train together
-            if line.startswith("Epoch 3/"):
-                break
-        worker_process.send_signal(signal.SIGTERM)
-        assert worker_process.wait(timeout=30) == -signal.SIGTERM
-        _, stderr = chief_process.communicate(timeout=120)
-    assert chief_process.returncode == 1
-    assert "Traceback" not in stderr
-    assert stderr.strip().splitlines()[-1] == (
-        "error: train: lost contact with /job:worker/replica:0/task:1 (stopped or unreachable); "
-        "no model was written; restart every worker"
-    )
-    assert written_files(chief) == []

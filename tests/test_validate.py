@@ -1,4 +1,4 @@
-"""The CI loop with real dvc, git and make: validate, report, experiments, model artifacts."""
+"""stages/validate.py, and the CI loop around it, with real dvc, git and make in a temp repo."""
 
 from __future__ import annotations
 

@@ -34,7 +34,8 @@ def test_cnn_shapes_and_probabilities(idx_source: tuple[Path, dict[str, str]]) -
     assert model.input_shape == (None, 28, 28)
     assert probs.shape == (3, 10)
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
-    assert any(isinstance(layer, keras.layers.BatchNormalization) for layer in model.layers)
+    momenta = [layer.momentum for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    assert momenta == [0.99] * 4  # one per conv (3) and the dense layer, from the recipe's bn_momentum
     convs = [layer.filters for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
     assert convs == [4, 8, 8]
 

@@ -1,4 +1,4 @@
-"""Accuracy-per-minute exploration: train variants of a preset on the prepared data, log val/test.
+"""Accuracy-per-minute exploration: train variants of a recipe on the prepared data, log val/test.
 
 Usage: python -m bench.explore OUT.jsonl '{"epochs": 20, "augment_flip": true}' ...
 Selection is by val accuracy; test accuracy is logged only to report it, never to choose.

@@ -1,4 +1,4 @@
-"""`make bench`: time the original script against the pipeline's presets, end to end, one run.
+"""`make bench`: time the original script against the pipeline's recipes, end to end, one run.
 
 Each pipeline row is a full `dvc repro` in a fresh temp project (empty cache), stage by stage so
 each stage's wall time and peak RSS are known. Peak RSS comes from wait4() on the process
@@ -57,8 +57,8 @@ def run_original(env: dict[str, str], work: Path) -> Row:
     return Row("original script (mlp, 5 epochs, batch 32)", wall, accuracy, rss, "one process")
 
 
-def run_pipeline(preset: str, env: dict[str, str], work: Path) -> Row:
-    project = work / preset
+def run_pipeline(recipe: str, env: dict[str, str], work: Path) -> Row:
+    project = work / recipe
     project.mkdir()
     for item in ("stages", "conf", "dvc.yaml", "params.yaml", ".dvc"):
         source = REPO / item
@@ -67,7 +67,7 @@ def run_pipeline(preset: str, env: dict[str, str], work: Path) -> Row:
             source, project / item, **({"ignore": ignore} if source.is_dir() else {})
         )
     # params.yaml as `dvc exp run -S train=RECIPE` composes it from conf/
-    params_text = compose(project / "conf", [f"train={preset}"])
+    params_text = compose(project / "conf", [f"train={recipe}"])
     (project / "params.yaml").write_text(params_text)
     subprocess.run(["git", "init", "-q"], cwd=project, check=True)
     stage_times, stage_rss = {}, {}
@@ -84,7 +84,7 @@ def run_pipeline(preset: str, env: dict[str, str], work: Path) -> Row:
         detail += f"; metrics.json {'identical to' if same else 'DIFFERS from'} the committed one"
     detail += f"; predict {predict_speed(project, env):.0f} images/s"
     return Row(
-        f"pipeline `{preset}` (dvc repro)",
+        f"pipeline `{recipe}` (dvc repro)",
         sum(stage_times.values()),
         accuracy,
         stage_rss["train"],
@@ -141,9 +141,12 @@ def table(rows: list[Row]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     defaults = yaml.safe_load((REPO / "conf/config.yaml").read_text())["defaults"]
-    default_preset = next(entry["train"] for entry in defaults if isinstance(entry, dict) and "train" in entry)
+    default_recipe = next(entry["train"] for entry in defaults if isinstance(entry, dict) and "train" in entry)
     parser.add_argument(
-        "--presets", nargs="+", default=["mlp", default_preset], help=f"presets to run (default: mlp {default_preset})"
+        "--recipes",
+        nargs="+",
+        default=["mlp", default_recipe],
+        help=f"recipes in conf/train/ to run (default: mlp {default_recipe})",
     )
     parser.add_argument("--write", type=Path, help="also write the table to this markdown file")
     args = parser.parse_args()
@@ -158,8 +161,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="wardrobe-bench-") as tmp:
         rows = [run_original(env, Path(tmp))]
         print(table(rows), flush=True)
-        for preset in args.presets:
-            rows.append(run_pipeline(preset, env, Path(tmp)))
+        for recipe in args.recipes:
+            rows.append(run_pipeline(recipe, env, Path(tmp)))
             print(f"\n{table(rows)}", flush=True)
     if args.write:
         args.write.write_text(table(rows) + "\n")

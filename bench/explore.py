@@ -29,12 +29,11 @@ def run_variant(base: TrainParams, overrides: dict, data: dict) -> dict:
         seconds = time.perf_counter() - start
         history = (Path(tmp) / "h.csv").read_text()
     result = {"overrides": overrides, "train_s": round(seconds, 1), "params": model.count_params()}
-    for tta in (False, True):
+    # No TTA, flip-TTA (2 views), flip + 1 px shifts (10 views): what tta_flip / tta_shift choose.
+    for suffix, flip, shift in (("", False, 0), ("_tta", True, 0), ("_tta10", True, 1)):
         for split in ("val", "test"):
             x, y = data[split]
-            result[f"{split}_acc{'_tta' if tta else ''}"] = float(
-                np.mean(predict_proba(model, x, 1024, tta).argmax(1) == y)
-            )
+            result[f"{split}_acc{suffix}"] = float(np.mean(predict_proba(model, x, 1024, flip, shift).argmax(1) == y))
     result["history"] = history
     return result
 

@@ -6,15 +6,32 @@ STAMP := $(VENV)/.installed
 DATASET_DIR := /usr/share/datasets/fashion-mnist
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: venv dataset params repro test test-fast lint format bench ci ci-steps validate report release clean
+.PHONY: venv venv-gpu lock dataset params repro test test-fast lint format bench ci ci-steps validate report release clean
 
-$(STAMP): pyproject.toml
+# The environment is the lock's, exactly (hashes checked; anything else in the venv is removed),
+# plus this project as an editable package. LOCK=requirements-gpu.lock for the GPU build.
+# uv comes from the lock too; the bootstrap copy is pinned to the same release.
+LOCK ?= requirements-dev.lock
+UV_VERSION := $(shell sed -n 's/^uv==\([^ ]*\).*/\1/p' requirements-dev.lock)
+$(STAMP): $(LOCK) pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	test -x $(VENV)/bin/uv || $(PY) -m pip install -q uv==$(UV_VERSION)
+	@$(PY) -c 'import platform, sys; sys.exit(0 if sys.version_info[:2] == (3, 11) and platform.machine() == "x86_64" and sys.platform == "linux" else 1)' \
+		|| { echo "error: the locks are for Linux x86_64 with Python 3.11; on this platform use: $(PY) -m pip install -e '.[dev]'" >&2; exit 1; }
+	$(VENV)/bin/uv pip sync -q --python $(PY) --require-hashes $(LOCK)
+	$(VENV)/bin/uv pip install -q --python $(PY) --no-deps -e .
 	touch $@
 
 venv: $(STAMP)
+
+# The GPU build (README "Running on a GPU"): TensorFlow with CUDA instead of tensorflow-cpu.
+venv-gpu:
+	rm -f $(STAMP)
+	$(MAKE) venv LOCK=requirements-gpu.lock
+
+# Re-write the locks from pyproject.toml (keeps existing pins; UPGRADE=1 takes the newest allowed).
+lock: venv
+	UPGRADE=$(UPGRADE) .ci/lock
 
 # Best effort and never fatal: on Debian/Ubuntu as root, install the dataset package if missing;
 # otherwise prepare falls back to the HTTPS mirrors listed in params.yaml.
@@ -40,6 +57,7 @@ test-fast: venv
 	$(PY) -m pytest -m "not pipeline"
 
 lint: venv
+	.ci/lock --check
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 

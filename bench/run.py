@@ -60,7 +60,7 @@ def run_original(env: dict[str, str], work: Path) -> Row:
 def run_pipeline(recipe: str, env: dict[str, str], work: Path) -> Row:
     project = work / recipe
     project.mkdir()
-    for item in ("stages", "conf", "dvc.yaml", "params.yaml", ".dvc"):
+    for item in ("stages", "conf", "dvc.yaml", "params.yaml", ".dvc", "requirements.lock"):
         source = REPO / item
         ignore = shutil.ignore_patterns("__pycache__", "tmp", "cache", "config.local")
         (shutil.copytree if source.is_dir() else shutil.copy)(

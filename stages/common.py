@@ -88,7 +88,9 @@ def write_json_atomic(target: Path, data: Any) -> None:
     write_text_atomic(target, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
-FLIP_TTA_KEY = "wardrobe_flip_tta"  # in the model file's metadata.json, written by train
+# Test-time augmentation in the model file's metadata.json, written by train (save_model).
+FLIP_TTA_KEY = "wardrobe_flip_tta"
+SHIFT_TTA_KEY = "wardrobe_tta_shift"
 
 
 def load_model(path: Path) -> Any:
@@ -129,9 +131,10 @@ class Classifier:
 
     model: Any
     flip_tta: bool
+    tta_shift: int = 0
 
     def predict_proba(self, x: np.ndarray, batch_size: int) -> np.ndarray:
-        return predict_proba(self.model, x, batch_size, self.flip_tta)
+        return predict_proba(self.model, x, batch_size, self.flip_tta, self.tta_shift)
 
 
 def load_classifier(path: Path) -> Classifier:
@@ -139,15 +142,38 @@ def load_classifier(path: Path) -> Classifier:
     with zipfile.ZipFile(path) as archive:
         metadata = json.loads(archive.read("metadata.json"))
     recorded = metadata.get(FLIP_TTA_KEY)
-    return Classifier(model, decide_flip_tta(model, "auto") if recorded is None else bool(recorded))
+    flip = decide_flip_tta(model, "auto") if recorded is None else bool(recorded)
+    return Classifier(model, flip, int(metadata.get(SHIFT_TTA_KEY, 0)))
 
 
-def predict_proba(model: Any, x: np.ndarray, batch_size: int, flip_tta: bool) -> np.ndarray:
-    """Class probabilities; with flip_tta, the mean over each image and its left-right mirror."""
-    probs = model.predict(x, batch_size=batch_size, verbose=0)
-    if flip_tta:
-        probs = (probs + model.predict(x[:, :, ::-1], batch_size=batch_size, verbose=0)) / 2
-    return probs
+def shifted(x: np.ndarray, dy: int, dx: int) -> np.ndarray:
+    """N×H×W images moved dy pixels down and dx right, zero-filled (the background is 0)."""
+    out = np.zeros_like(x)
+    height, width = x.shape[1:]
+    out[:, max(dy, 0) : height + min(dy, 0), max(dx, 0) : width + min(dx, 0)] = x[
+        :, max(-dy, 0) : height + min(-dy, 0), max(-dx, 0) : width + min(-dx, 0)
+    ]
+    return out
+
+
+def tta_views(flip: bool, shift: int) -> list[tuple[int, int, bool]]:
+    """(dy, dx, mirrored) of every view: the image, ±shift px on each axis, each also mirrored."""
+    offsets = [(0, 0)] + ([(shift, 0), (-shift, 0), (0, shift), (0, -shift)] if shift else [])
+    return [(dy, dx, mirror) for dy, dx in offsets for mirror in ((False, True) if flip else (False,))]
+
+
+def predict_proba(model: Any, x: np.ndarray, batch_size: int, flip_tta: bool, tta_shift: int = 0) -> np.ndarray:
+    """Class probabilities: the mean over the views of tta_views (just the image when both are off).
+
+    One view at a time, so memory stays at one copy of x however many views there are.
+    """
+    total = None
+    views = tta_views(flip_tta, tta_shift)
+    for dy, dx, mirror in views:
+        view = shifted(x, dy, dx) if dy or dx else x
+        probs = model.predict(view[:, :, ::-1] if mirror else view, batch_size=batch_size, verbose=0)
+        total = probs if total is None else total + probs
+    return total / len(views)
 
 
 def seed_everything(seed: int) -> None:

@@ -42,12 +42,14 @@ def check_tf_config(raw: str | None) -> None:
 
 def distribution_strategy(name: str) -> tf.distribute.Strategy:
     """auto: MirroredStrategy over several visible GPUs, else TensorFlow's default (one device);
-    mirrored: always MirroredStrategy; multi_worker: MultiWorkerMirroredStrategy from TF_CONFIG.
+    mirrored: always MirroredStrategy (over the GPUs, else the logical CPUs); multi_worker:
+    MultiWorkerMirroredStrategy from TF_CONFIG.
 
     Call it before any other TensorFlow op: the multi-worker strategy must configure the runtime.
     """
     if name == "multi_worker":
         check_tf_config(os.environ.get("TF_CONFIG"))
+        check_patched_keras(keras.__version__, name)
         strategy = tf.distribute.MultiWorkerMirroredStrategy()
         # TensorFlow's coordination service catches SIGTERM as a preemption notice and trains on;
         # we keep no preemption checkpoints, so let SIGTERM stop a worker as it stops one machine
@@ -56,8 +58,13 @@ def distribution_strategy(name: str) -> tf.distribute.Strategy:
         return strategy
     if os.environ.get("TF_CONFIG"):
         print(f"train: TF_CONFIG is set but train.strategy is {name}; training on this machine alone")
-    if name == "mirrored" or (name == "auto" and len(tf.config.list_logical_devices("GPU")) > 1):
-        return tf.distribute.MirroredStrategy()
+    gpus = [device.name for device in tf.config.list_logical_devices("GPU")]
+    if name == "mirrored" or (name == "auto" and len(gpus) > 1):
+        check_patched_keras(keras.__version__, name)
+        # Over the GPUs or, with none, the logical CPUs: one on a normal machine (the same as no
+        # strategy), two where the CPU is split (tf.config.set_logical_device_configuration), as
+        # the test of this path does without GPUs.
+        return tf.distribute.MirroredStrategy(gpus or [device.name for device in tf.config.list_logical_devices("CPU")])
     return tf.distribute.get_strategy()
 
 
@@ -84,20 +91,35 @@ def worker_name(strategy: tf.distribute.Strategy) -> str:
     return f"{resolver.task_type} {resolver.task_id}"
 
 
-# --- Keras 3 under MultiWorkerMirroredStrategy --------------------------------------------------
-# Keras 3.15's TensorFlow trainer fails in fit() with several workers, at two places (both
-# private), reproduced here with TF 2.21 and two workers on 127.0.0.1:
-#  1. Model._maybe_symbolic_build averages the first distributed batch with strategy.reduce,
-#     only to learn its shapes: "Attempt to convert a value (PerReplica...) to a Tensor"
-#     (keras-team/keras#20585). It also reads that batch from a fresh pass over the data, which
-#     advances a reshuffling dataset by one epoch. We build from the dataset's element spec
-#     instead (shapes and dtypes are all the build needs) and skip Keras' build.
+# --- Keras 3 under MirroredStrategy and MultiWorkerMirroredStrategy ----------------------------
+# Keras 3.15's TensorFlow trainer needs two fixes to fit() under a strategy (both private code),
+# reproduced here with TF 2.21 (two workers on 127.0.0.1; two logical CPUs):
+#  1. Model._maybe_symbolic_build reads the first batch from a fresh pass over the data only to
+#     learn its shapes. That advances a reshuffling dataset by one epoch under any strategy (so
+#     `strategy: mirrored` trained on other batches than one device did), and with several
+#     workers it fails: "Attempt to convert a value (PerReplica...) to a Tensor"
+#     (keras-team/keras#20585). We build from the dataset's element spec instead (shapes and
+#     dtypes are all the build needs) and skip Keras' build.
 #  2. reduce_per_replica averages each step's scalar logs (loss, metrics) with
-#     strategy.reduce("MEAN", v, axis=0): "Invalid reduction dimension 0 for input with 0
-#     dimensions" (tensorflow/tensorflow#72388). The mean over replicas needs axis=None.
-# Both are applied only under the multi-worker strategy; tests/test_scaling.py checks that two
-# workers train what one process trains on the same global batch (to float rounding). Delete
-# this block when Keras fixes them.
+#     strategy.reduce("MEAN", v, axis=0): with several workers, "Invalid reduction dimension 0
+#     for input with 0 dimensions" (tensorflow/tensorflow#72388). The mean over replicas needs
+#     axis=None. Applied under the multi-worker strategy only.
+# tests/test_distribute.py checks that two workers, and two mirrored replicas, train what one
+# process trains on the same global batch (to float rounding). Delete this block when Keras
+# fixes them. Private code moves between releases, so training under a strategy refuses to start
+# on a Keras outside the releases these were tested on.
+PATCHED_KERAS = ((3, 15), (3, 16))  # [from, to): tested on 3.15.x, the release requirements.lock pins
+
+
+def check_patched_keras(version: str, strategy: str) -> None:
+    match = re.match(r"(\d+)\.(\d+)", version)
+    release = (int(match[1]), int(match[2])) if match else (0, 0)
+    low, high = PATCHED_KERAS
+    if not low <= release < high:
+        raise WardrobeError(
+            f"train.strategy: {strategy} patches private Keras code tested on Keras {low[0]}.{low[1]}.x "
+            f"only, and this is Keras {version}; install the locked versions (make venv) or train on one machine"
+        )
 
 
 def _mean_of_scalar_logs(reduce_per_replica: Any) -> Any:
@@ -110,8 +132,12 @@ def _mean_of_scalar_logs(reduce_per_replica: Any) -> Any:
     return reduce
 
 
-def fix_keras_for_multi_worker(model: keras.Model, dataset: tf.data.Dataset) -> None:
-    """Let model.fit(dataset) run under MultiWorkerMirroredStrategy (see the comment above)."""
+def uses_distribution(strategy: tf.distribute.Strategy) -> bool:
+    return isinstance(strategy, tf.distribute.MirroredStrategy | tf.distribute.MultiWorkerMirroredStrategy)
+
+
+def fix_keras_for_distribution(model: keras.Model, dataset: tf.data.Dataset) -> None:
+    """Let model.fit(dataset) run under a (multi-worker) mirrored strategy (see the comment above)."""
     from keras.src.backend.tensorflow import trainer
 
     with model.distribute_strategy.scope():

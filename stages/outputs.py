@@ -1,7 +1,7 @@
 """The output contract, defined once: every file the pipeline writes, its columns or keys, and how
 each metric is computed.
 
-The stages write these (train: model and history; evaluate: the rest); validate, report and the
+The stages write these (train: model, history and environment record; evaluate: the rest); validate, report and the
 tests check them from here, and tests/test_outputs.py checks that dvc.yaml declares the same paths
 and plots these columns. Adding a headline metric is one entry in HEADLINE_METRICS: evaluate
 computes and writes it, validate checks its presence and range, `dvc metrics diff` shows it.
@@ -22,6 +22,7 @@ from stages.common import CLASS_NAMES, NUM_CLASSES
 PREPARED_DIR = Path("data/prepared")
 MODEL_PATH = Path("data/model/model.keras")
 METRICS_PATH = Path("metrics/metrics.json")
+ENVIRONMENT_JSON = Path("metrics/environment.json")  # train's library versions, device, precision
 HISTORY_CSV = Path("plots/train_history.csv")
 CONFUSION_CSV = Path("plots/confusion.csv")
 PER_CLASS_CSV = Path("plots/per_class.csv")
@@ -32,7 +33,7 @@ PREDICTIONS_PNG = Path("plots/predictions.png")
 # What each stage writes, as dvc.yaml declares it (outs and metrics).
 STAGE_OUTPUTS: dict[str, tuple[Path, ...]] = {
     "prepare": (PREPARED_DIR,),
-    "train": (MODEL_PATH, HISTORY_CSV),
+    "train": (MODEL_PATH, HISTORY_CSV, ENVIRONMENT_JSON),
     "evaluate": (METRICS_PATH, CONFUSION_CSV, PER_CLASS_CSV, CURVES_PNG, CONFUSION_PNG, PREDICTIONS_PNG),
 }
 PNGS = (CURVES_PNG, CONFUSION_PNG, PREDICTIONS_PNG)

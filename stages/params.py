@@ -91,9 +91,9 @@ class TrainParams:
     augment_flip: bool
     augment_shift: int = field(metadata=_rule(lambda v: 0 <= v <= 8, "must be in 0..8 pixels"))
     augment_erase: float = field(metadata=PROBABILITY)
-    # mixed_bfloat16 computes in bfloat16 (weights stay float32): ~1.75x faster on CPUs with
-    # AVX512_BF16/AMX, much slower without. auto picks it only where the CPU has those.
-    precision: Literal["float32", "mixed_bfloat16", "auto"]
+    # mixed_bfloat16 / mixed_float16 compute in 16 bits (weights stay float32). auto decides by
+    # the device that computes (environment.choose_precision) and train prints why.
+    precision: Literal["float32", "mixed_bfloat16", "mixed_float16", "auto"]
     # auto: MirroredStrategy when several GPUs are visible, else one device; mirrored: always
     # MirroredStrategy; multi_worker: MultiWorkerMirroredStrategy over the hosts in TF_CONFIG.
     # batch_size is per replica; the learning rate scales with replicas.
@@ -103,6 +103,9 @@ class TrainParams:
     # artifact apply the same: average each image's prediction with its mirror's. auto: only for
     # models trained with flips (it costs accuracy on the others); always / never force it.
     tta_flip: Literal["auto", "always", "never"]
+    # Also average over copies moved this many pixels up, down, left and right (×2 with flip-TTA:
+    # 10 views for 1 px); 0 = off. Also saved in the model file. Costs one inference per view.
+    tta_shift: int = field(metadata=_rule(lambda v: 0 <= v <= 3, "must be in 0..3"))
 
     def __post_init__(self) -> None:
         if self.filters and self.convs_per_block and len(self.convs_per_block) != len(self.filters):

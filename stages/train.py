@@ -19,6 +19,7 @@ import tensorflow as tf
 from stages.common import (
     FLIP_TTA_KEY,
     NUM_CLASSES,
+    SHIFT_TTA_KEY,
     WardrobeError,
     atomic_path,
     decide_flip_tta,
@@ -29,14 +30,15 @@ from stages.common import (
 )
 from stages.distribute import (
     distribution_strategy,
-    fix_keras_for_multi_worker,
-    is_multi_worker,
+    fix_keras_for_distribution,
     lost_worker_error,
+    uses_distribution,
     worker_name,
     writes_outputs,
 )
+from stages.environment import choose_precision, compute_device, environment_record
 from stages.model import build_model
-from stages.outputs import HISTORY_CSV, MODEL_PATH, PREPARED_DIR
+from stages.outputs import ENVIRONMENT_JSON, HISTORY_CSV, MODEL_PATH, PREPARED_DIR
 from stages.params import TrainParams, load_section
 
 
@@ -72,21 +74,6 @@ def make_dataset(
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     # A plain map: op determinism makes a parallel map sequential anyway (and TF logs an error).
     return indices.batch(batch_size).map(gather).prefetch(tf.data.AUTOTUNE).with_options(options)
-
-
-def cpu_has_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
-    """True where the CPU multiplies bfloat16 natively (AVX512_BF16 or AMX); Linux only."""
-    try:
-        flags = cpuinfo.read_text().split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_precision(precision: str) -> str:
-    if precision == "auto":
-        return "mixed_bfloat16" if cpu_has_bf16() else "float32"
-    return precision
 
 
 @contextlib.contextmanager
@@ -148,11 +135,12 @@ def fit(
     val_ds = make_dataset(*val, global_batch, shuffle_seed=None, one_hot=one_hot)
     if replicas > 1:
         params = dataclasses.replace(params, learning_rate=params.learning_rate * replicas)
-    with strategy.scope(), dtype_policy(resolve_precision(params.precision)):
+    precision, _ = choose_precision(params.precision, compute_device())
+    with strategy.scope(), dtype_policy(precision):
         model = build_model(params)
         compile_model(model, params, steps_per_epoch=math.ceil(len(train[0]) / global_batch))
-    if is_multi_worker(strategy):
-        fix_keras_for_multi_worker(model, train_ds)
+    if uses_distribution(strategy):
+        fix_keras_for_distribution(model, train_ds)
     callbacks = [EpochFromOneCSVLogger(str(history_csv)), keras.callbacks.TerminateOnNaN()]
     if params.early_stopping_patience:
         callbacks.append(
@@ -176,7 +164,7 @@ def fit(
     return model
 
 
-def save_model(model: keras.Model, path: Path, flip_tta: bool) -> None:
+def save_model(model: keras.Model, path: Path, flip_tta: bool, tta_shift: int = 0) -> None:
     """model.save, minus what makes equal models differ in bytes, so DVC's hash of it is stable,
     plus the test-time augmentation every user of the file must apply (common.load_classifier).
 
@@ -190,7 +178,7 @@ def save_model(model: keras.Model, path: Path, flip_tta: bool) -> None:
         for info, data in entries:
             if info.filename == "metadata.json":
                 metadata = {k: v for k, v in json.loads(data).items() if k != "date_saved"}
-                data = json.dumps({**metadata, FLIP_TTA_KEY: flip_tta}).encode()
+                data = json.dumps({**metadata, FLIP_TTA_KEY: flip_tta, SHIFT_TTA_KEY: tta_shift}).encode()
             elif info.filename == "config.json":
                 data = json.dumps(renumber_shared_objects(json.loads(data), {})).encode()
             archive.writestr(zipfile.ZipInfo(info.filename), data, compress_type=info.compress_type)
@@ -222,11 +210,20 @@ def main() -> None:
             fit(params, train, val, Path(scratch) / "history.csv", verbose=2, strategy=strategy)
         print(f"train: {worker_name(strategy)} done; the chief writes {MODEL_PATH} and {HISTORY_CSV}")
         return
-    # Both outputs are written to temp files and renamed only after a successful fit.
-    with atomic_path(HISTORY_CSV) as history_tmp, atomic_path(MODEL_PATH) as model_tmp:
+    device = compute_device()
+    precision, reason = choose_precision(params.precision, device)
+    print(f"train: computing in {precision} on {device.kind} {device.name}: {reason}")
+    # All outputs are written to temp files and renamed only after a successful fit.
+    with (
+        atomic_path(HISTORY_CSV) as history_tmp,
+        atomic_path(MODEL_PATH) as model_tmp,
+        atomic_path(ENVIRONMENT_JSON) as environment_tmp,
+    ):
         model = fit(params, train, val, history_tmp, verbose=2, strategy=strategy)
-        save_model(model, model_tmp, decide_flip_tta(model, params.tta_flip))
-    print(f"train: wrote {MODEL_PATH} and {HISTORY_CSV}")
+        save_model(model, model_tmp, decide_flip_tta(model, params.tta_flip), params.tta_shift)
+        record = environment_record(device, precision, reason, strategy.num_replicas_in_sync)
+        environment_tmp.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"train: wrote {MODEL_PATH}, {HISTORY_CSV} and {ENVIRONMENT_JSON}")
 
 
 if __name__ == "__main__":

@@ -158,7 +158,7 @@ def make_project(repo: Path, params: dict) -> Path:
     shutil.copytree(REPO / "stages", repo / "stages", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(REPO / ".dvc", repo / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache", "config.local"))
     shutil.copytree(REPO / "conf", repo / "conf")
-    for name in ("dvc.yaml", "Makefile", ".gitignore"):
+    for name in ("dvc.yaml", "Makefile", ".gitignore", "requirements.lock"):
         shutil.copy(REPO / name, repo / name)
     write_params(repo, params)
     sh(repo, "git", "init", "-q", "-b", "main")

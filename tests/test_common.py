@@ -32,6 +32,25 @@ def test_flip_tta_only_for_flip_trained_models() -> None:
     np.testing.assert_allclose(averaged, expected, rtol=1e-5)
 
 
+def test_shift_tta_averages_ten_views_of_each_image() -> None:
+    import keras
+
+    from stages.common import predict_proba, shifted, tta_views
+
+    image = np.arange(9, dtype=np.float32).reshape(1, 3, 3)
+    np.testing.assert_array_equal(shifted(image, 1, 0)[0], [[0, 0, 0], [0, 1, 2], [3, 4, 5]])
+    np.testing.assert_array_equal(shifted(image, 0, -1)[0], [[1, 2, 0], [4, 5, 0], [7, 8, 0]])
+    assert len(tta_views(flip=True, shift=1)) == 10 and len(tta_views(flip=False, shift=2)) == 5
+    assert tta_views(flip=False, shift=0) == [(0, 0, False)]
+
+    inputs = keras.Input((28, 28))
+    model = keras.Model(inputs, keras.layers.Dense(10, activation="softmax")(keras.layers.Flatten()(inputs)))
+    x = np.random.default_rng(1).random((4, 28, 28), dtype=np.float32)
+    views = [x, shifted(x, 2, 0), shifted(x, -2, 0), shifted(x, 0, 2), shifted(x, 0, -2)]
+    expected = np.mean([model.predict(v, verbose=0) for v in views], axis=0)
+    np.testing.assert_allclose(predict_proba(model, x, 4, flip_tta=False, tta_shift=2), expected, rtol=1e-5)
+
+
 def test_atomic_path_keeps_the_old_file_when_writing_fails(tmp_path: Path) -> None:
     target = tmp_path / "out" / "result.txt"
     with atomic_path(target) as tmp:
@@ -58,9 +77,11 @@ def test_a_model_file_without_a_recorded_policy_uses_the_auto_rule(tmp_path: Pat
     inputs = keras.Input((28, 28))
     model = keras.Model(inputs, keras.layers.Dense(10, activation="softmax")(keras.layers.Flatten()(inputs)))
     model.save(tmp_path / "old.keras")
-    assert load_classifier(tmp_path / "old.keras").flip_tta is False
-    save_model(model, tmp_path / "new.keras", flip_tta=True)
-    assert load_classifier(tmp_path / "new.keras").flip_tta is True
+    old = load_classifier(tmp_path / "old.keras")
+    assert old.flip_tta is False and old.tta_shift == 0
+    save_model(model, tmp_path / "new.keras", flip_tta=True, tta_shift=1)
+    new = load_classifier(tmp_path / "new.keras")
+    assert new.flip_tta is True and new.tta_shift == 1
 
 
 def test_load_classifier_refuses_a_wrongly_shaped_model(tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ import yaml
 
 from stages.common import WardrobeError, load_model
 from stages.distribute import check_tf_config
-from stages.outputs import HISTORY_CSV, MODEL_PATH
+from stages.outputs import ENVIRONMENT_JSON, HISTORY_CSV, MODEL_PATH
 from tests.conftest import REPO, free_port, module_env, run_module, set_params, tiny_params, write_params
 
 TF_CONFIG_CASES = [
@@ -58,6 +58,73 @@ def test_mirrored_strategy_trains(tmp_path: Path, idx_source: tuple[Path, dict[s
     model = fit(params, (normalize(x), y), (normalize(x), y), tmp_path / "h.csv", verbose=0)
     assert (tmp_path / "h.csv").read_text().count("\n") == 3
     assert float(np.mean(model.predict(normalize(x), verbose=0).argmax(1) == y)) > 0.3
+
+
+# train's main() in a process whose one CPU is split into two logical devices first (it must be
+# done before TensorFlow initialises), so `strategy: mirrored` has two replicas without GPUs.
+TWO_LOGICAL_CPUS = """
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+from stages.common import run_main
+from stages.train import main
+run_main(main)
+"""
+
+
+@pytest.mark.pipeline
+def test_two_mirrored_cpu_replicas_train_what_one_process_trains(
+    tmp_path: Path, idx_source: tuple[Path, dict[str, str]]
+) -> None:
+    """MirroredStrategy's path (as on several GPUs) over two logical CPUs: the model and history
+    are the ones one replica trains on the same global batch (2 × 15, learning rate × 2), and the
+    environment record says two replicas."""
+    params = tiny_params(*idx_source)
+    set_params(params, train__epochs=2, train__batch_size=15, train__dropout=0.0, train__strategy="mirrored")
+    mirrored, _ = two_host_projects(tmp_path, params)
+    single = tmp_path / "single"
+    shutil.copytree(mirrored, single)
+    mlp_learning_rate = yaml.safe_load((REPO / "conf/train/mlp.yaml").read_text())["learning_rate"]
+    single_train = {**params["train"], "strategy": "auto", "batch_size": 30, "learning_rate": 2 * mlp_learning_rate}
+    write_params(single, {**params, "train": single_train})
+
+    run = subprocess.run(
+        [sys.executable, "-c", TWO_LOGICAL_CPUS], cwd=mirrored, env=module_env(), capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run_module("stages.train", cwd=single).returncode == 0
+    assert json.loads((mirrored / ENVIRONMENT_JSON).read_text())["replicas"] == 2
+    assert json.loads((single / ENVIRONMENT_JSON).read_text())["replicas"] == 1
+    np.testing.assert_allclose(
+        pd.read_csv(mirrored / HISTORY_CSV).to_numpy(), pd.read_csv(single / HISTORY_CSV).to_numpy(), rtol=1e-4
+    )
+    for two, one in zip(
+        load_model(mirrored / MODEL_PATH).get_weights(), load_model(single / MODEL_PATH).get_weights(), strict=True
+    ):
+        np.testing.assert_allclose(two, one, rtol=1e-4, atol=1e-6)
+
+
+def test_strategies_refuse_a_keras_their_patches_were_not_tested_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The patches below touch private Keras code: outside the tested releases, one line, before
+    any cluster is set up."""
+    import keras
+
+    from stages.distribute import PATCHED_KERAS, check_patched_keras, distribution_strategy
+
+    check_patched_keras(keras.__version__, "mirrored")  # the locked release is inside the range
+    check_patched_keras(f"{PATCHED_KERAS[0][0]}.{PATCHED_KERAS[0][1]}.9", "mirrored")
+    for outside in ("3.14.2", f"{PATCHED_KERAS[1][0]}.{PATCHED_KERAS[1][1]}.0", "4.0.0rc1", "nightly"):
+        with pytest.raises(WardrobeError, match=r"^train\.strategy: multi_worker patches private Keras code tested on"):
+            check_patched_keras(outside, "multi_worker")
+    monkeypatch.setattr(keras, "__version__", "3.99.0")
+    monkeypatch.setenv(
+        "TF_CONFIG", json.dumps({"cluster": {"worker": ["127.0.0.1:1"]}, "task": {"type": "worker", "index": 0}})
+    )
+    for strategy in ("multi_worker", "mirrored"):
+        with pytest.raises(
+            WardrobeError, match=rf"^train\.strategy: {strategy} .* this is Keras 3\.99\.0; install the"
+        ):
+            distribution_strategy(strategy)
 
 
 def two_host_projects(tmp_path: Path, params: dict) -> tuple[Path, Path]:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from stages.outputs import ENVIRONMENT_JSON
 from tests.conftest import REPO, make_project, repro, sh, tiny_params, write_params
 
 ALL_STAGES = ["prepare", "train", "evaluate"]
@@ -86,6 +87,24 @@ def test_code_edit_reruns_only_its_stage(project: tuple[Path, dict]) -> None:
     with (repo / "stages/evaluate.py").open("a") as handle:
         handle.write("\n# an edit\n")
     assert repro(repo) == ["evaluate"]
+
+
+def test_a_changed_pin_in_the_lock_reruns_train_and_evaluate(project: tuple[Path, dict]) -> None:
+    """The environment is an input: a new Keras in requirements.lock makes train and evaluate stale
+    (prepare only decompresses); the record train wrote names the versions it ran with."""
+    import keras
+
+    repo, _ = project
+    lock = repo / "requirements.lock"
+    pinned = lock.read_text()
+    assert f"\nkeras=={keras.__version__} " in pinned
+    lock.write_text(pinned.replace(f"\nkeras=={keras.__version__} ", "\nkeras==3.99.0 "))
+    stale = json.loads(sh(repo, "dvc", "status", "--json").stdout)
+    assert sorted(stale) == ["evaluate", "train"]
+    assert {"changed deps": {"requirements.lock": "modified"}} in stale["train"]
+    lock.write_text(pinned)
+    assert sh(repo, "dvc", "status", "--json").stdout.strip() == "{}"
+    assert json.loads((repo / ENVIRONMENT_JSON).read_text())["keras"] == keras.__version__
 
 
 def _results(repo: Path) -> dict[str, bytes]:

@@ -79,12 +79,18 @@ def test_predict_agrees_with_evaluate_on_exported_test_images(trained: Path) -> 
     assert all(r["top_k"][0]["probability"] >= r["top_k"][1]["probability"] for r in records)
 
 
-@pytest.mark.parametrize("setting", ["auto", "always", "never"])
+@pytest.mark.parametrize(("setting", "shift"), [("auto", 0), ("always", 0), ("never", 0), ("never", 1)])
 def test_predict_agrees_with_evaluate_under_every_tta_setting(
-    trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, setting: str
+    trained: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+    setting: str,
+    shift: int,
 ) -> None:
-    """train.tta_flip is decided once and written into the model file; evaluate and predict both
-    read it from there, so they agree, and a downloaded model needs no params.yaml."""
+    """train.tta_flip and train.tta_shift are decided once and written into the model file;
+    evaluate and predict both read them from there, so they agree, and a downloaded model needs
+    no params.yaml."""
     from stages.evaluate import main as evaluate_main
     from stages.train import save_model
 
@@ -93,7 +99,7 @@ def test_predict_agrees_with_evaluate_under_every_tta_setting(
     model = load_model(work / MODEL_PATH)
     flip = decide_flip_tta(model, setting)  # the tiny model is an mlp: auto means no flip-TTA
     assert flip is {"auto": False, "always": True, "never": False}[setting]
-    save_model(model, work / MODEL_PATH, flip)  # what train writes for train.tta_flip=setting
+    save_model(model, work / MODEL_PATH, flip, shift)  # what train writes for these params
     monkeypatch.chdir(work)
     evaluate_main()
     capsys.readouterr()
@@ -102,10 +108,11 @@ def test_predict_agrees_with_evaluate_under_every_tta_setting(
     expected = pd.read_csv("plots/confusion.csv")["predicted"].tolist()
     assert [r["top_k"][0]["class"] for r in records] == expected
     classifier = load_classifier(MODEL_PATH)
-    assert classifier.flip_tta is flip
+    assert classifier.flip_tta is flip and classifier.tta_shift == shift
     x = np.load("data/prepared/x_test.npy")
     plain = classifier.model.predict(x, verbose=0)
-    assert np.allclose(classifier.predict_proba(x, 64), plain, atol=1e-6) is not flip  # TTA really differs
+    tta = flip or shift > 0
+    assert np.allclose(classifier.predict_proba(x, 64), plain, atol=1e-6) is not tta  # TTA really differs
 
 
 def test_predict_npy_and_text_output(trained: Path) -> None:

@@ -12,11 +12,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from stages.common import FLIP_TTA_KEY, WardrobeError, enable_determinism, load_model
+from stages.common import FLIP_TTA_KEY, SHIFT_TTA_KEY, WardrobeError, enable_determinism, load_model
 from stages.outputs import HISTORY_COLUMNS
 from stages.params import parse_params
 from stages.prepare import normalize
-from stages.train import cpu_has_bf16, dtype_policy, fit, make_dataset, resolve_precision, save_model
+from stages.train import dtype_policy, fit, make_dataset, save_model
 from tests.conftest import REPO, module_env, synthetic_images
 
 
@@ -95,7 +95,8 @@ def test_fit_is_deterministic(tmp_path: Path, data, params, overrides: dict) -> 
     save_model(second, tmp_path / "b.keras", flip_tta=False)
     assert (tmp_path / "a.keras").read_bytes() == (tmp_path / "b.keras").read_bytes()
     with zipfile.ZipFile(tmp_path / "a.keras") as archive:  # saved in the same second, so check these
-        assert json.loads(archive.read("metadata.json")) == {"keras_version": keras.__version__, FLIP_TTA_KEY: False}
+        metadata = json.loads(archive.read("metadata.json"))
+        assert metadata == {"keras_version": keras.__version__, FLIP_TTA_KEY: False, SHIFT_TTA_KEY: 0}
         assert {info.date_time for info in archive.infolist()} == {(1980, 1, 1, 0, 0, 0)}
     np.testing.assert_array_equal(
         load_model(tmp_path / "a.keras").predict(data[1][0], verbose=0), first.predict(data[1][0], verbose=0)
@@ -109,16 +110,6 @@ def test_diverging_loss_is_an_error(tmp_path: Path, data, params) -> None:
         match=r"train: loss became nan at epoch 1; lower train\.learning_rate \(now 1e\+30\); no model was written",
     ):
         fit(huge, *data, tmp_path / "h.csv", verbose=0)
-
-
-def test_cpu_bf16_detection(tmp_path: Path) -> None:
-    (tmp_path / "yes").write_text("flags\t\t: fpu sse2 avx512f avx512_bf16 fma\n")
-    (tmp_path / "no").write_text("flags\t\t: fpu sse2 avx2 fma\n")
-    assert cpu_has_bf16(tmp_path / "yes")
-    assert not cpu_has_bf16(tmp_path / "no")
-    assert not cpu_has_bf16(tmp_path / "missing")
-    assert resolve_precision("float32") == "float32"
-    assert resolve_precision("auto") == ("mixed_bfloat16" if cpu_has_bf16() else "float32")  # by this CPU's flags
 
 
 def test_precision_policy_is_restored_and_output_stays_float32(tmp_path: Path, data, params) -> None:

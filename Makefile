@@ -66,7 +66,7 @@ format: venv
 	$(VENV)/bin/ruff format .
 
 bench: venv dataset
-	$(PY) -m bench.run
+	$(PY) -m bench.run --steps
 
 # What CI does with the pipeline (.github/workflows/ci.yml runs exactly `make ci`):
 # reproduce, validate against BASE, write report.md. BASE defaults to the last commit.

@@ -57,8 +57,8 @@ def run_original(env: dict[str, str], work: Path) -> Row:
     return Row("original script (mlp, 5 epochs, batch 32)", wall, accuracy, rss, "one process")
 
 
-def run_pipeline(recipe: str, env: dict[str, str], work: Path) -> Row:
-    project = work / recipe
+def run_pipeline(recipe: str, env: dict[str, str], work: Path, seed: int | None = None) -> Row:
+    project = work / (recipe if seed is None else f"{recipe}-seed{seed}")
     project.mkdir()
     for item in ("stages", "conf", "dvc.yaml", "params.yaml", ".dvc", "requirements.lock"):
         source = REPO / item
@@ -66,8 +66,8 @@ def run_pipeline(recipe: str, env: dict[str, str], work: Path) -> Row:
         (shutil.copytree if source.is_dir() else shutil.copy)(
             source, project / item, **({"ignore": ignore} if source.is_dir() else {})
         )
-    # params.yaml as `dvc exp run -S train=RECIPE` composes it from conf/
-    params_text = compose(project / "conf", [f"train={recipe}"])
+    # params.yaml as `dvc exp run -S train=RECIPE [-S train.seed=N]` composes it from conf/
+    params_text = compose(project / "conf", [f"train={recipe}"] + ([] if seed is None else [f"train.seed={seed}"]))
     (project / "params.yaml").write_text(params_text)
     subprocess.run(["git", "init", "-q"], cwd=project, check=True)
     stage_times, stage_rss = {}, {}
@@ -84,7 +84,7 @@ def run_pipeline(recipe: str, env: dict[str, str], work: Path) -> Row:
         detail += f"; metrics.json {'identical to' if same else 'DIFFERS from'} the committed one"
     detail += f"; predict {predict_speed(project, env):.0f} images/s"
     return Row(
-        f"pipeline `{recipe}` (dvc repro)",
+        f"pipeline `{recipe}` (dvc repro)" + ("" if seed is None else f", seed {seed}"),
         sum(stage_times.values()),
         accuracy,
         stage_rss["train"],
@@ -121,6 +121,20 @@ def predict_speed(project: Path, env: dict[str, str]) -> float:
     return float(out.stdout.strip())
 
 
+def seed_summary(rows: list[Row], recipe: str) -> str:
+    """Mean and spread of the default recipe's seeds: one seed's accuracy is not a result."""
+    seeded = [row for row in rows if row.name.startswith(f"pipeline `{recipe}` (dvc repro), seed ")]
+    if len(seeded) < 2:
+        return ""
+    accuracies = [row.accuracy for row in seeded]
+    ratios = [row.wall_s / rows[0].wall_s for row in seeded]
+    mean = sum(accuracies) / len(accuracies)
+    return (
+        f"\n`{recipe}` over {len(seeded)} seeds: mean test accuracy {mean:.4f}, spread "
+        f"{min(accuracies):.4f}-{max(accuracies):.4f}; time {min(ratios):.2f}-{max(ratios):.2f}× the original."
+    )
+
+
 def table(rows: list[Row]) -> str:
     base = rows[0].wall_s
     lines = [
@@ -148,6 +162,14 @@ def main() -> None:
         default=["mlp", default_recipe],
         help=f"recipes in conf/train/ to run (default: mlp {default_recipe})",
     )
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[42, 43, 44],
+        help="training seeds for the default recipe (each a full dvc repro; the others run once)",
+    )
+    parser.add_argument("--steps", action="store_true", help="also time the default's training step (bench.steps)")
     parser.add_argument("--write", type=Path, help="also write the table to this markdown file")
     args = parser.parse_args()
     if not (DATA_DIR / "train-images-idx3-ubyte.gz").exists():
@@ -162,10 +184,17 @@ def main() -> None:
         rows = [run_original(env, Path(tmp))]
         print(table(rows), flush=True)
         for recipe in args.recipes:
-            rows.append(run_pipeline(recipe, env, Path(tmp)))
-            print(f"\n{table(rows)}", flush=True)
+            for seed in args.seeds if recipe == default_recipe else [None]:
+                rows.append(run_pipeline(recipe, env, Path(tmp), seed))
+                print(f"\n{table(rows)}{seed_summary(rows, default_recipe)}", flush=True)
+    text = table(rows) + seed_summary(rows, default_recipe)
+    if args.steps:
+        from bench.steps import report
+
+        text += "\n\n" + report(default_recipe, steps=30)
+        print(text, flush=True)
     if args.write:
-        args.write.write_text(table(rows) + "\n")
+        args.write.write_text(text + "\n")
 
 
 if __name__ == "__main__":

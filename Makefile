@@ -56,8 +56,11 @@ test: venv
 test-fast: venv
 	$(PY) -m pytest -m "not pipeline"
 
+# Also: the locks match pyproject.toml, and the GitHub workflow passes a security audit (any
+# finding fails: unpinned actions, template injection, broad permissions, persisted credentials).
 lint: venv
 	.ci/lock --check
+	$(VENV)/bin/zizmor --offline --quiet .github/workflows
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 

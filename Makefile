@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 DATASET_DIR := /usr/share/datasets/fashion-mnist
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: venv venv-gpu lock dataset params repro test test-fast lint format bench ci ci-steps validate report release clean
+.PHONY: venv venv-gpu lock dataset browser params repro test test-fast lint format bench ci ci-steps validate report release clean
 
 # The environment is the lock's, exactly (hashes checked; anything else in the venv is removed),
 # plus this project as an editable package. LOCK=requirements-gpu.lock for the GPU build.
@@ -40,6 +40,14 @@ dataset:
 		echo "installing Debian package dataset-fashion-mnist (best effort)"; \
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist) >/dev/null 2>&1 \
 			|| echo "dataset-fashion-mnist not installed; prepare will try the mirrors"; \
+	fi
+
+# Debian's chromium, for the test that opens `dvc plots show` pages offline (same best effort).
+browser:
+	@if ! command -v chromium >/dev/null && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing Debian package chromium (best effort)"; \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null 2>&1 \
+			|| echo "chromium not installed; the offline plots test will be skipped"; \
 	fi
 
 # params.yaml from conf/ (Hydra), as `dvc exp run` composes it, without running anything.

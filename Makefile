@@ -84,10 +84,11 @@ bench: venv dataset
 BASE ?= HEAD
 ci: venv dataset ci-steps
 
+# The report comes first so it is written (with the gate's verdict) even when validate fails.
 ci-steps:
 	dvc repro
-	python -m stages.validate --against $(BASE)
 	python -m stages.report --base $(BASE)
+	python -m stages.validate --against $(BASE)
 
 validate: venv
 	$(PY) -m stages.validate
@@ -104,4 +105,4 @@ release:
 	@echo "tagged $(ARTIFACT)@v$(VERSION); publish with: git push origin $(ARTIFACT)@v$(VERSION) && dvc push"
 
 clean:
-	rm -rf $(VENV) dvc_plots report.md .pytest_cache .ruff_cache
+	rm -rf $(VENV) dvc_plots report.md report_images .pytest_cache .ruff_cache

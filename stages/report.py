@@ -1,5 +1,11 @@
-"""report: write report.md for a pull request: metrics and params diff against a base revision,
-plus the training curves and confusion matrix.
+"""report: report.md for a pull request, in the order a reviewer reads it.
+
+1. One sentence: test accuracy base → head, the validation gate's verdict, the class that moved most.
+2. The accuracy and loss curves of both revisions and their confusion matrices side by side:
+   DVC's own `dvc plots diff` specs rendered to PNG offline (vl-convert), so the pictures are what
+   `dvc plots diff` shows, in files next to report.md.
+3. Per-class F1 with its change, and the confusion-matrix cells that moved most.
+4. `dvc metrics diff` (the environment record included) and `dvc params diff`.
 
 Usage: python -m stages.report [--base REV] [--out report.md]
 """
@@ -7,38 +13,136 @@ Usage: python -m stages.report [--base REV] [--out report.md]
 from __future__ import annotations
 
 import argparse
+import io
+import json
+import os
+import re
 import subprocess
 from pathlib import Path
 
+import pandas as pd
+
 from stages.common import WardrobeError, find_tool, run_main, write_text_atomic
-from stages.outputs import CONFUSION_PNG, CURVES_PNG
+from stages.outputs import CONFUSION_CSV, CONFUSION_PNG, METRICS_PATH, PER_CLASS_CSV
+from stages.validate import validate
+
+IMAGES_DIR = "report_images"  # next to report.md
+TOP_MOVES = 5
 
 
 def dvc_markdown(*args: str) -> str:
     """Output of a `dvc ... --md` command; an error names the command."""
-    result = subprocess.run([find_tool("dvc"), *args, "--md"], capture_output=True, text=True)
+    return _dvc(*args, "--md").strip() or "_no changes_"
+
+
+def _dvc(*args: str) -> str:
+    result = subprocess.run([find_tool("dvc"), *args], capture_output=True, text=True)
     if result.returncode != 0:
         raise WardrobeError(f"dvc {' '.join(args)} failed: {' '.join(result.stderr.split())[:300]}")
-    return result.stdout.strip() or "_no changes_"
+    return result.stdout
 
 
-def build_report(base: str, metrics_md: str, params_md: str, images: list[Path]) -> str:
-    parts = [
-        f"# wardrobe report (against `{base}`)",
-        "",
-        "## Metrics",
-        "",
-        metrics_md,
-        "",
-        "## Params",
-        "",
-        params_md,
-        "",
-        "## Plots",
-        "",
-    ]
+def at_revision(rev: str, path: Path) -> str | None:
+    """A file's committed text at `rev`, or None where that revision has no such file."""
+    result = subprocess.run([find_tool("git"), "show", f"{rev}:{path.as_posix()}"], capture_output=True, text=True)
+    return result.stdout if result.returncode == 0 else None
+
+
+def plot_specs(base: str) -> dict[str, dict]:
+    """DVC's Vega-Lite spec of every declared chart, filled with the workspace's and base's data."""
+    rendered = json.loads(_dvc("plots", "diff", base, "--json"))["data"]
+    return {name: entries[0]["content"] for name, entries in rendered.items() if entries[0]["type"] == "vega"}
+
+
+def render_png(spec: dict) -> bytes:
+    try:
+        import vl_convert
+    except ImportError:
+        raise WardrobeError("report: needs vl-convert-python to draw plots: pip install 'wardrobe[report]'") from None
+    return vl_convert.vegalite_to_png(spec, scale=1.5)
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+
+
+def per_class_changes(base: pd.DataFrame | None, head: pd.DataFrame) -> pd.DataFrame:
+    """class, base F1, head F1, change; largest move first (no base: head only)."""
+    table = head[["class", "f1"]].rename(columns={"f1": "head"})
+    table.insert(1, "base", table["class"].map(base.set_index("class")["f1"]) if base is not None else float("nan"))
+    table["change"] = table["head"] - table["base"]
+    return table.sort_values("change", key=lambda change: -change.abs(), na_position="last", kind="stable")
+
+
+def confusion_moves(base: pd.DataFrame, head: pd.DataFrame, top: int = TOP_MOVES) -> pd.DataFrame:
+    """The off-diagonal (actual, predicted) cells whose count changed most, from confusion.csv rows."""
+
+    def counts(frame: pd.DataFrame) -> pd.Series:
+        mistakes = frame[frame["actual"] != frame["predicted"]]
+        return mistakes.groupby(["actual", "predicted"]).size()
+
+    table = pd.concat({"base": counts(base), "head": counts(head)}, axis=1).fillna(0).astype(int)
+    table["change"] = table["head"] - table["base"]
+    table = table[table["change"] != 0].reset_index()
+    order = table.assign(size=-table["change"].abs()).sort_values(["size", "actual", "predicted"]).index
+    return table.loc[order].head(top).reset_index(drop=True)
+
+
+def headline(base_metrics: dict | None, head_metrics: dict, problems: list[str], classes: pd.DataFrame) -> str:
+    """The sentence a reviewer reads in five seconds."""
+    head = head_metrics["accuracy"]
+    if base_metrics is None:
+        accuracy = f"Test accuracy {head:.4f} (the base has no metrics)"
+    else:
+        base = base_metrics["accuracy"]
+        accuracy = f"Test accuracy {base:.4f} → {head:.4f} ({(head - base) * 100:+.2f} points)"
+    if problems:
+        more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+        gate = f"validation gate: **failed**: {problems[0]}{more}"
+    else:
+        gate = "validation gate: passed"
+    moved = classes.dropna(subset=["change"])
+    if len(moved) and moved.iloc[0]["change"] != 0:
+        top = moved.iloc[0]
+        change = f"{top['base']:.3f} → {top['head']:.3f} ({top['change']:+.3f})"
+        biggest = f"; biggest class change: {top['class']} F1 {change}"
+    else:
+        biggest = ""
+    return f"**{accuracy}**; {gate}{biggest}."
+
+
+def markdown_table(frame: pd.DataFrame, floats: str = "{:.4f}") -> str:
+    def cell(value: object) -> str:
+        if isinstance(value, float):
+            return "—" if pd.isna(value) else (f"{value:+.4f}" if value < 0 or value > 0 else floats.format(value))
+        return str(value)
+
+    lines = ["| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns)]
+    lines += ["| " + " | ".join(cell(value) for value in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def build_report(
+    base: str,
+    headline_text: str,
+    images: list[Path],
+    classes: pd.DataFrame,
+    moves: pd.DataFrame | None,
+    metrics_md: str,
+    params_md: str,
+) -> str:
+    classes = classes.assign(base=classes["base"].map("{:.4f}".format), head=classes["head"].map("{:.4f}".format))
+    parts = [f"# wardrobe report (against `{base}`)", "", headline_text, "", "## Plots (head and base)", ""]
     parts += [f"![{image.stem}]({image.as_posix()})" for image in images]
+    parts += ["", "## Per-class F1", "", markdown_table(classes), ""]
+    parts += ["## Confusion-matrix cells that moved most", ""]
+    parts += [markdown_table(moves) if moves is not None and len(moves) else "_no changes_", ""]
+    parts += ["## Metrics", "", metrics_md, "", "## Params", "", params_md]
     return "\n".join(parts) + "\n"
+
+
+def read_csv(text: str | None) -> pd.DataFrame | None:
+    return pd.read_csv(io.StringIO(text)) if text is not None else None
 
 
 def main() -> None:
@@ -46,10 +150,37 @@ def main() -> None:
     parser.add_argument("--base", default="HEAD", help="revision to compare with (default: HEAD)")
     parser.add_argument("--out", type=Path, default=Path("report.md"))
     args = parser.parse_args()
-    metrics_md = dvc_markdown("metrics", "diff", args.base, "--all")
-    params_md = dvc_markdown("params", "diff", args.base)
-    write_text_atomic(args.out, build_report(args.base, metrics_md, params_md, [CURVES_PNG, CONFUSION_PNG]))
-    print(f"report: wrote {args.out}")
+    try:
+        problems = validate(args.base)
+    except WardrobeError as error:
+        problems = [str(error)]
+    base_metrics_text = at_revision(args.base, METRICS_PATH)
+    base_metrics = json.loads(base_metrics_text) if base_metrics_text else None
+    head_metrics = json.loads(METRICS_PATH.read_text())
+    classes = per_class_changes(read_csv(at_revision(args.base, PER_CLASS_CSV)), pd.read_csv(PER_CLASS_CSV))
+    base_confusion = read_csv(at_revision(args.base, CONFUSION_CSV))
+    moves = confusion_moves(base_confusion, pd.read_csv(CONFUSION_CSV)) if base_confusion is not None else None
+
+    images_dir = args.out.parent / IMAGES_DIR
+    images_dir.mkdir(parents=True, exist_ok=True)
+    images = []
+    for name, spec in plot_specs(args.base).items():
+        path = images_dir / f"{slug(name)}.png"
+        path.write_bytes(render_png(spec))
+        images.append(path.relative_to(args.out.parent))
+    # The head's matrix as evaluate drew it (shares of each class), referenced from report.md.
+    images.append(Path(os.path.relpath(CONFUSION_PNG.resolve(), args.out.parent.resolve())))
+    report = build_report(
+        args.base,
+        headline(base_metrics, head_metrics, problems, classes),
+        images,
+        classes,
+        moves,
+        dvc_markdown("metrics", "diff", args.base, "--all"),
+        dvc_markdown("params", "diff", args.base),
+    )
+    write_text_atomic(args.out, report)
+    print(f"report: wrote {args.out} and {len(images) - 1} pictures in {images_dir}")
 
 
 if __name__ == "__main__":

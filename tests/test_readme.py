@@ -228,9 +228,16 @@ def _make_report(clone: Clone, command: Command) -> None:
     (clone.path / "report.md").unlink(missing_ok=True)
     _ok(clone.run(command))
     report = (clone.path / "report.md").read_text()
-    assert report.startswith("# wardrobe report (against `main`)")
-    for image in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report):
-        assert (clone.path / image).is_file(), image
+    lines = report.splitlines()
+    assert lines[0] == "# wardrobe report (against `main`)"
+    assert re.fullmatch(
+        r"\*\*Test accuracy \d\.\d{4} → \d\.\d{4} \([+-]\d+\.\d\d points\)\*\*; validation gate: .*\.", lines[2]
+    )
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
+    assert len(images) == 5 and images[0] == "report_images/accuracy.png"
+    for image in images:
+        with Image.open(clone.path / image) as picture:
+            picture.verify()
 
 
 def _make_ci(clone: Clone, command: Command) -> None:

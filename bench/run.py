@@ -9,6 +9,7 @@ Prints a markdown table; `--write FILE` also saves it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -171,6 +172,9 @@ def main() -> None:
     )
     parser.add_argument("--steps", action="store_true", help="also time the default's training step (bench.steps)")
     parser.add_argument("--write", type=Path, help="also write the table to this markdown file")
+    parser.add_argument(
+        "--keep", type=Path, help="run the projects in this new folder and keep them (default: a temp folder)"
+    )
     args = parser.parse_args()
     if not (DATA_DIR / "train-images-idx3-ubyte.gz").exists():
         raise SystemExit(f"bench: {DATA_DIR} is missing; install the Debian package dataset-fashion-mnist")
@@ -180,7 +184,12 @@ def main() -> None:
         "DVC_NO_ANALYTICS": "1",
         "PYTHONUNBUFFERED": "1",
     }
-    with tempfile.TemporaryDirectory(prefix="wardrobe-bench-") as tmp:
+    with (
+        contextlib.nullcontext(str(args.keep))
+        if args.keep
+        else tempfile.TemporaryDirectory(prefix="wardrobe-bench-") as tmp
+    ):
+        Path(tmp).mkdir(parents=True, exist_ok=True)
         rows = [run_original(env, Path(tmp))]
         print(table(rows), flush=True)
         for recipe in args.recipes:

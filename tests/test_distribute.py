@@ -79,15 +79,7 @@ def test_two_mirrored_cpu_replicas_train_what_one_process_trains(
     """MirroredStrategy's path (as on several GPUs) over two logical CPUs: the model and history
     are the ones one replica trains on the same global batch (2 × 15, learning rate × 2), and the
     environment record says two replicas."""
-    params = tiny_params(*idx_source)
-    set_params(params, train__epochs=2, train__batch_size=15, train__dropout=0.0, train__strategy="mirrored")
-    mirrored, _ = two_host_projects(tmp_path, params)
-    single = tmp_path / "single"
-    shutil.copytree(mirrored, single)
-    mlp_learning_rate = yaml.safe_load((REPO / "conf/train/mlp.yaml").read_text())["learning_rate"]
-    single_train = {**params["train"], "strategy": "auto", "batch_size": 30, "learning_rate": 2 * mlp_learning_rate}
-    write_params(single, {**params, "train": single_train})
-
+    mirrored, _, single = distributed_and_single(tmp_path, idx_source, "mirrored")
     run = subprocess.run(
         [sys.executable, "-c", TWO_LOGICAL_CPUS], cwd=mirrored, env=module_env(), capture_output=True, text=True
     )
@@ -95,13 +87,7 @@ def test_two_mirrored_cpu_replicas_train_what_one_process_trains(
     assert run_module("stages.train", cwd=single).returncode == 0
     assert json.loads((mirrored / ENVIRONMENT_JSON).read_text())["replicas"] == 2
     assert json.loads((single / ENVIRONMENT_JSON).read_text())["replicas"] == 1
-    np.testing.assert_allclose(
-        pd.read_csv(mirrored / HISTORY_CSV).to_numpy(), pd.read_csv(single / HISTORY_CSV).to_numpy(), rtol=1e-4
-    )
-    for two, one in zip(
-        load_model(mirrored / MODEL_PATH).get_weights(), load_model(single / MODEL_PATH).get_weights(), strict=True
-    ):
-        np.testing.assert_allclose(two, one, rtol=1e-4, atol=1e-6)
+    assert_trained_alike(mirrored, single)
 
 
 def test_strategies_refuse_a_keras_their_patches_were_not_tested_on(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -125,6 +111,32 @@ def test_strategies_refuse_a_keras_their_patches_were_not_tested_on(monkeypatch:
             WardrobeError, match=rf"^train\.strategy: {strategy} .* this is Keras 3\.99\.0; install the"
         ):
             distribution_strategy(strategy)
+
+
+def distributed_and_single(tmp_path: Path, idx_source: tuple[Path, dict[str, str]], strategy: str) -> tuple[Path, ...]:
+    """Two prepared copies of a tiny project training 2 epochs at 15 images per replica under
+    `strategy`, and a third that trains the same global batch (30) on one device, with the
+    learning rate scaled as train scales it for two replicas."""
+    params = tiny_params(*idx_source)
+    set_params(params, train__epochs=2, train__batch_size=15, train__dropout=0.0, train__strategy=strategy)
+    first, second = two_host_projects(tmp_path, params)
+    single = tmp_path / "single"
+    shutil.copytree(first, single)
+    mlp_learning_rate = yaml.safe_load((REPO / "conf/train/mlp.yaml").read_text())["learning_rate"]
+    single_train = {**params["train"], "strategy": "auto", "batch_size": 30, "learning_rate": 2 * mlp_learning_rate}
+    write_params(single, {**params, "train": single_train})
+    return first, second, single
+
+
+def assert_trained_alike(project: Path, single: Path) -> None:
+    """Same history and weights, to float rounding (replicas sum gradients in another order)."""
+    np.testing.assert_allclose(
+        pd.read_csv(project / HISTORY_CSV).to_numpy(), pd.read_csv(single / HISTORY_CSV).to_numpy(), rtol=1e-4
+    )
+    for distributed, one in zip(
+        load_model(project / MODEL_PATH).get_weights(), load_model(single / MODEL_PATH).get_weights(), strict=True
+    ):
+        np.testing.assert_allclose(distributed, one, rtol=1e-4, atol=1e-6)
 
 
 def two_host_projects(tmp_path: Path, params: dict) -> tuple[Path, Path]:
@@ -180,14 +192,7 @@ def test_two_workers_train_what_one_process_trains(tmp_path: Path, idx_source: t
     """Two MultiWorkerMirroredStrategy workers on 127.0.0.1, each in its own copy of the project:
     both finish, only the chief writes, and the model is the one a single process trains on the
     same global batch (2 × 15) with the same scaled learning rate."""
-    params = tiny_params(*idx_source)
-    set_params(params, train__epochs=2, train__batch_size=15, train__dropout=0.0, train__strategy="multi_worker")
-    chief, worker = two_host_projects(tmp_path, params)
-    single = tmp_path / "single"
-    shutil.copytree(chief, single)
-    mlp_learning_rate = yaml.safe_load((REPO / "conf/train/mlp.yaml").read_text())["learning_rate"]
-    single_train = {**params["train"], "strategy": "auto", "batch_size": 30, "learning_rate": 2 * mlp_learning_rate}
-    write_params(single, {**params, "train": single_train})
+    chief, worker, single = distributed_and_single(tmp_path, idx_source, "multi_worker")
 
     with killed_at_exit(start_workers(chief, worker)) as workers:
         outputs = [process.communicate(timeout=240) for process in workers]
@@ -198,12 +203,8 @@ def test_two_workers_train_what_one_process_trains(tmp_path: Path, idx_source: t
     assert written_files(worker) == []
 
     assert run_module("stages.train", cwd=single).returncode == 0
-    multi_history = pd.read_csv(chief / HISTORY_CSV)
-    assert list(multi_history["epoch"]) == [1, 2]
-    np.testing.assert_allclose(multi_history.to_numpy(), pd.read_csv(single / HISTORY_CSV).to_numpy(), rtol=1e-4)
-    single_weights = load_model(single / MODEL_PATH).get_weights()
-    for multi, one in zip(load_model(chief / MODEL_PATH).get_weights(), single_weights, strict=True):
-        np.testing.assert_allclose(multi, one, rtol=1e-4, atol=1e-6)
+    assert list(pd.read_csv(chief / HISTORY_CSV)["epoch"]) == [1, 2]
+    assert_trained_alike(chief, single)
 
 
 @pytest.mark.pipeline

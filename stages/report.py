@@ -24,7 +24,7 @@ import pandas as pd
 
 from stages.common import WardrobeError, find_tool, run_main, write_text_atomic
 from stages.outputs import CONFUSION_CSV, CONFUSION_PNG, METRICS_PATH, PER_CLASS_CSV
-from stages.validate import validate
+from stages.validate import file_at, validate
 
 IMAGES_DIR = "report_images"  # next to report.md
 TOP_MOVES = 5
@@ -43,9 +43,7 @@ def _dvc(*args: str) -> str:
 
 
 def at_revision(rev: str, path: Path) -> str | None:
-    """A file's committed text at `rev`, or None where that revision has no such file."""
-    result = subprocess.run([find_tool("git"), "show", f"{rev}:{path.as_posix()}"], capture_output=True, text=True)
-    return result.stdout if result.returncode == 0 else None
+    return file_at(rev, path)[0]
 
 
 def plot_specs(base: str) -> dict[str, dict]:

@@ -170,11 +170,17 @@ def params_match_conf() -> list[str]:
     ]
 
 
+def file_at(rev: str, path: Path) -> tuple[str | None, str]:
+    """A file's committed text at `rev` (None if that revision has no such file), and git's error."""
+    result = subprocess.run([find_tool("git"), "show", f"{rev}:{path.as_posix()}"], capture_output=True, text=True)
+    return (result.stdout if result.returncode == 0 else None), result.stderr.strip()
+
+
 def metrics_at(rev: str) -> dict:
-    result = subprocess.run([find_tool("git"), "show", f"{rev}:{METRICS_PATH}"], capture_output=True, text=True)
-    if result.returncode != 0:
-        raise WardrobeError(f"--against {rev}: cannot read {METRICS_PATH} there ({result.stderr.strip()})")
-    return json.loads(result.stdout)
+    text, error = file_at(rev, METRICS_PATH)
+    if text is None:
+        raise WardrobeError(f"--against {rev}: cannot read {METRICS_PATH} there ({error})")
+    return json.loads(text)
 
 
 def validate(against: str | None) -> list[str]:

@@ -391,13 +391,15 @@ def clone(tmp_path_factory: pytest.TempPathFactory, idx_source: tuple[Path, dict
     config["train"] = {"batch_size": 16, "bn_momentum": 0.9}
     (repo / "conf/config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     # `make` targets run in the user's set-up: the project's venv as .venv, installed (stamp newer
-    # than pyproject.toml, so make does not reinstall into the venv running this test).
+    # than pyproject.toml and the lock it installs, so make does not reinstall into the venv
+    # running this test).
     stamp = Path(sys.prefix) / ".installed"
     assert stamp.is_file(), f"{stamp} is missing: run `make venv` (make test does) before this test"
     (repo / ".venv").symlink_to(sys.prefix)
-    shutil.copy2(REPO / "pyproject.toml", repo / "pyproject.toml")
-    if os.stat(repo / "pyproject.toml").st_mtime > stamp.stat().st_mtime:
-        pytest.fail("pyproject.toml is newer than the venv: run `make venv` first")
+    for name in ("pyproject.toml", "requirements-dev.lock"):
+        shutil.copy2(REPO / name, repo / name)
+        if os.stat(repo / name).st_mtime > stamp.stat().st_mtime:
+            pytest.fail(f"{name} is newer than the venv: run `make venv` first")
     origin = root / "origin.git"
     sh(root, "git", "init", "-q", "--bare", "-b", "main", str(origin))
     sh(repo, "git", "remote", "add", "origin", str(origin))

@@ -42,10 +42,6 @@ def _dvc(*args: str) -> str:
     return result.stdout
 
 
-def at_revision(rev: str, path: Path) -> str | None:
-    return file_at(rev, path)[0]
-
-
 def plot_specs(base: str) -> dict[str, dict]:
     """DVC's Vega-Lite spec of every declared chart, filled with the workspace's and base's data."""
     rendered = json.loads(_dvc("plots", "diff", base, "--json"))["data"]
@@ -152,11 +148,11 @@ def main() -> None:
         problems = validate(args.base)
     except WardrobeError as error:
         problems = [str(error)]
-    base_metrics_text = at_revision(args.base, METRICS_PATH)
+    base_metrics_text = file_at(args.base, METRICS_PATH)[0]
     base_metrics = json.loads(base_metrics_text) if base_metrics_text else None
     head_metrics = json.loads(METRICS_PATH.read_text())
-    classes = per_class_changes(read_csv(at_revision(args.base, PER_CLASS_CSV)), pd.read_csv(PER_CLASS_CSV))
-    base_confusion = read_csv(at_revision(args.base, CONFUSION_CSV))
+    classes = per_class_changes(read_csv(file_at(args.base, PER_CLASS_CSV)[0]), pd.read_csv(PER_CLASS_CSV))
+    base_confusion = read_csv(file_at(args.base, CONFUSION_CSV)[0])
     moves = confusion_moves(base_confusion, pd.read_csv(CONFUSION_CSV)) if base_confusion is not None else None
 
     images_dir = args.out.parent / IMAGES_DIR

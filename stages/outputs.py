@@ -13,11 +13,14 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
 from stages.common import CLASS_NAMES, NUM_CLASSES
+
+if TYPE_CHECKING:  # imported where used: predict's TensorFlow-free install has no pandas
+    import pandas as pd
 
 PREPARED_DIR = Path("data/prepared")
 MODEL_PATH = Path("data/model/model.keras")
@@ -29,12 +32,19 @@ PER_CLASS_CSV = Path("plots/per_class.csv")
 CURVES_PNG = Path("plots/training_curves.png")
 CONFUSION_PNG = Path("plots/confusion_matrix.png")
 PREDICTIONS_PNG = Path("plots/predictions.png")
+# export: the model in serving formats, test-time augmentation inside (README "Serving the model").
+SAVED_MODEL_DIR = Path("data/export/saved_model")  # TF Serving's model base path: version 1/ inside
+ONNX_PATH = Path("data/export/model.onnx")
+EXPORT_JSON = Path("metrics/export.json")  # parity of each format with the Keras model
+MODEL_CARD = Path("metrics/model_card.md")  # card: written from the run's own files
 
 # What each stage writes, as dvc.yaml declares it (outs and metrics).
 STAGE_OUTPUTS: dict[str, tuple[Path, ...]] = {
     "prepare": (PREPARED_DIR,),
     "train": (MODEL_PATH, HISTORY_CSV, ENVIRONMENT_JSON),
     "evaluate": (METRICS_PATH, CONFUSION_CSV, PER_CLASS_CSV, CURVES_PNG, CONFUSION_PNG, PREDICTIONS_PNG),
+    "export": (SAVED_MODEL_DIR, ONNX_PATH, EXPORT_JSON),
+    "card": (MODEL_CARD,),
 }
 PNGS = (CURVES_PNG, CONFUSION_PNG, PREDICTIONS_PNG)
 
@@ -104,6 +114,8 @@ def per_class_scores(cm: np.ndarray) -> pd.DataFrame:
     recall = np.divide(true_pos, support, out=np.zeros_like(true_pos), where=support > 0)
     denom = precision + recall
     f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(true_pos), where=denom > 0)
+    import pandas as pd
+
     frame = pd.DataFrame({"class": CLASS_NAMES, "precision": precision, "recall": recall, "f1": f1, "support": support})
     return frame[list(CSV_COLUMNS[PER_CLASS_CSV])]
 

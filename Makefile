@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 DATASET_DIR := /usr/share/datasets/fashion-mnist
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: venv venv-gpu lock dataset browser params repro test test-fast lint format bench ci ci-steps validate report release clean
+.PHONY: venv venv-gpu venv-serve lock dataset browser params repro test test-fast lint format bench ci ci-steps validate report release clean
 
 # The environment is the lock's, exactly (hashes checked; anything else in the venv is removed),
 # plus this project as an editable package. LOCK=requirements-gpu.lock for the GPU build.
@@ -28,6 +28,15 @@ venv: $(STAMP)
 venv-gpu:
 	rm -f $(STAMP)
 	$(MAKE) venv LOCK=requirements-gpu.lock
+
+# What a service needs to classify with the exported ONNX model and nothing more (no TensorFlow,
+# Keras or pandas): requirements-serve.lock plus this project without its dependencies.
+# README "Serving the model"; tests/test_export.py builds one and runs wardrobe-predict in it.
+SERVE_VENV ?= .venv-serve
+venv-serve: venv
+	test -x $(SERVE_VENV)/bin/python || $(PY) -m venv --without-pip $(SERVE_VENV)
+	$(VENV)/bin/uv pip sync -q --python $(SERVE_VENV)/bin/python --require-hashes requirements-serve.lock
+	$(VENV)/bin/uv pip install -q --python $(SERVE_VENV)/bin/python --no-deps .
 
 # Re-write the locks from pyproject.toml (keeps existing pins; UPGRADE=1 takes the newest allowed).
 lock: venv
@@ -78,6 +87,7 @@ format: venv
 
 bench: venv dataset
 	$(PY) -m bench.run --steps
+	$(PY) -m bench.serve
 
 # What CI does with the pipeline (.github/workflows/ci.yml runs exactly `make ci`):
 # reproduce, validate against BASE, write report.md. BASE defaults to the last commit.
@@ -105,4 +115,4 @@ release:
 	@echo "tagged $(ARTIFACT)@v$(VERSION); publish with: git push origin $(ARTIFACT)@v$(VERSION) && dvc push"
 
 clean:
-	rm -rf $(VENV) dvc_plots report.md report_images .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(SERVE_VENV) dvc_plots report.md report_images .pytest_cache .ruff_cache

@@ -1,7 +1,12 @@
 """predict: classify your own images with the trained model.
 
-    python -m stages.predict PATH... [--model M] [--top-k K] [--json] [--batch-size B]
+    python -m stages.predict PATH... [--model M] [--runtime auto|keras|onnx] [--top-k K] [--json] [--batch-size B]
     wardrobe-predict PATH...
+
+Two runtimes give the same answers: keras (data/model/model.keras, TensorFlow) and onnx
+(data/export/model.onnx from the export stage, ONNX Runtime only: TensorFlow is never imported,
+so it starts in a fraction of the time and installs without it). auto picks onnx for a .onnx
+--model or when TensorFlow is not installed, else keras.
 
 PATHs are image files (PNG/JPEG/BMP/GIF), folders of them, or .npy arrays (N×28×28 or 28×28,
 uint8 0..255 or float 0..1). Every input is checked before any prediction: one bad file is a
@@ -11,16 +16,18 @@ one-line error naming it, and nothing is printed for the others.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from stages.common import CLASS_NAMES, IMAGE_SHAPE, Classifier, WardrobeError, load_classifier, run_main
-from stages.outputs import MODEL_PATH
+from stages.common import CLASS_NAMES, IMAGE_SHAPE, NUM_CLASSES, WardrobeError, load_classifier, run_main
+from stages.outputs import MODEL_PATH, ONNX_PATH
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif"}
 # Decoding is refused above this many pixels (a 64-megapixel photo), before any pixel is read.
@@ -138,7 +145,71 @@ def top_k(probs: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
     return [[(CLASS_NAMES[j], float(row[j])) for j in idx] for row, idx in zip(probs, order, strict=True)]
 
 
-def predict(classifier: Classifier, items: list[Item], batch_size: int) -> np.ndarray:
+class ProbabilityModel(Protocol):
+    def predict_proba(self, x: np.ndarray, batch_size: int) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class OnnxClassifier:
+    """The exported ONNX graph: the test-time augmentation is inside it, so this is the whole model."""
+
+    session: Any  # onnxruntime.InferenceSession
+
+    def predict_proba(self, x: np.ndarray, batch_size: int) -> np.ndarray:
+        name = self.session.get_inputs()[0].name
+        batches = [self.session.run(None, {name: x[i : i + batch_size]})[0] for i in range(0, len(x), batch_size)]
+        return np.concatenate(batches)
+
+
+def load_onnx_classifier(path: Path) -> OnnxClassifier:
+    """Open an exported model with ONNX Runtime and check it maps N×28×28 floats to 10 classes."""
+    if not path.is_file():
+        raise WardrobeError(f"{path}: ONNX model not found; run `dvc repro export` (or dvc pull) first")
+    try:
+        import onnxruntime
+    except ImportError:
+        raise WardrobeError(f"{path}: onnxruntime is not installed: pip install 'onnxruntime<2'") from None
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3  # errors only: its warnings would bury our one-line errors
+    try:
+        session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ONNX Runtime raises its own types for corrupt or invalid files
+        raise WardrobeError(f"{path}: cannot load ONNX model: {' '.join(str(exc).split())[:200]}") from exc
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    if (
+        len(inputs) != 1
+        or inputs[0].type != "tensor(float)"
+        or list(inputs[0].shape[1:]) != list(IMAGE_SHAPE)
+        or len(outputs) != 1
+        or list(outputs[0].shape[1:]) != [NUM_CLASSES]
+    ):
+        found = (
+            ", ".join(f"{i.name} {i.type} {i.shape}" for i in inputs) + " → " + ", ".join(str(o.shape) for o in outputs)
+        )
+        raise WardrobeError(f"{path}: ONNX model maps {found}, expected float N×28×28 to N×10")
+    return OnnxClassifier(session)
+
+
+def choose_runtime(runtime: str, model: Path | None) -> str:
+    """auto: the file's own format if --model is given, else keras where TensorFlow is installed."""
+    if runtime != "auto":
+        return runtime
+    if model is not None:
+        return "onnx" if model.suffix.lower() == ".onnx" else "keras"
+    return "keras" if importlib.util.find_spec("tensorflow") else "onnx"
+
+
+def load(runtime: str, model: Path | None) -> ProbabilityModel:
+    if runtime == "onnx":
+        return load_onnx_classifier(model or ONNX_PATH)
+    if not importlib.util.find_spec("tensorflow"):
+        raise WardrobeError(
+            f"TensorFlow is not installed, so --runtime keras cannot run; use --runtime onnx ({ONNX_PATH})"
+        )
+    return load_classifier(model or MODEL_PATH)
+
+
+def predict(classifier: ProbabilityModel, items: list[Item], batch_size: int) -> np.ndarray:
     """Probabilities as evaluate computes them: the test-time augmentation the model file records."""
     pixels = np.stack([item.pixels for item in items])
     return classifier.predict_proba(pixels, batch_size)
@@ -147,7 +218,15 @@ def predict(classifier: Classifier, items: list[Item], batch_size: int) -> np.nd
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="wardrobe-predict", description="Classify garment images.")
     parser.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="image files, folders, .npy arrays")
-    parser.add_argument("--model", type=Path, default=MODEL_PATH, help=f"Keras model (default: {MODEL_PATH})")
+    parser.add_argument(
+        "--model", type=Path, help=f"model file (default: {MODEL_PATH} for keras, {ONNX_PATH} for onnx)"
+    )
+    parser.add_argument(
+        "--runtime",
+        choices=("auto", "keras", "onnx"),
+        default="auto",
+        help="auto (default): onnx for a .onnx --model or without TensorFlow installed, else keras",
+    )
     parser.add_argument("--top-k", type=int, default=1, help="classes to show per image (1..10, default 1)")
     parser.add_argument("--json", action="store_true", help="one JSON object per input line")
     parser.add_argument("--batch-size", type=int, default=256, help="images per model call (default 256)")
@@ -162,7 +241,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> None:
     items = collect(args.paths)
-    classifier = load_classifier(args.model)
+    classifier = load(choose_runtime(args.runtime, args.model), args.model)
     for item, best in zip(items, top_k(predict(classifier, items, args.batch_size), args.top_k), strict=True):
         if args.json:
             record = {"path": item.label, "top_k": [{"class": c, "probability": round(p, 6)} for c, p in best]}

@@ -1,0 +1,187 @@
+"""export: the trained model in the formats serving systems load, each checked against Keras.
+
+- data/export/saved_model/1/: a TensorFlow SavedModel in TF Serving's versioned layout (model base
+  path data/export/saved_model, version 1); signature `serving_default`.
+- data/export/model.onnx: the same graph for ONNX Runtime (Keras' own exporter, which runs tf2onnx).
+
+Both take `image`, float32 N×28×28 in [0, 1], and return `probabilities`, float32 N×10. Both
+contain the test-time augmentation the model file records (the mirrored and shifted views,
+averaged), so a served model answers what evaluate measured, with no code on the client's side.
+
+Parity: on every test image, each format must choose the Keras model's class for at least
+PARITY_TOP1 of them and give every probability within PARITY_ATOL of it (metrics/export.json
+keeps the measured numbers). Otherwise the stage fails in one line and the previous export stays.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from stages.common import (
+    IMAGE_SHAPE,
+    NUM_CLASSES,
+    Classifier,
+    WardrobeError,
+    atomic_path,
+    load_classifier,
+    load_split,
+    run_main,
+    tta_views,
+)
+from stages.outputs import EXPORT_JSON, MODEL_PATH, ONNX_PATH, PREPARED_DIR, SAVED_MODEL_DIR
+from stages.predict import load_onnx_classifier
+
+PARITY_TOP1 = 0.9995  # share of test images whose top-1 class must equal the Keras model's
+PARITY_ATOL = 1e-4  # largest allowed difference of any probability
+SERVING_VERSION = "1"  # TF Serving loads the highest numbered folder under its model base path
+INPUT_NAME, OUTPUT_NAME = "image", "probabilities"
+PARITY_BATCH = 1000
+
+
+class TestTimeViews(keras.layers.Layer):
+    """N×28×28 images → V×N×28×28: the views of common.tta_views, as graph ops.
+
+    A shifted view is the zero-padded image cropped back to 28×28, exactly common.shifted.
+    """
+
+    def __init__(self, views: list[tuple[int, int, bool]], **kwargs: object) -> None:
+        super().__init__(**kwargs)
+        self.views = views
+
+    def call(self, images: keras.KerasTensor) -> keras.KerasTensor:
+        height, width = IMAGE_SHAPE
+        pad = max([abs(d) for dy, dx, _ in self.views for d in (dy, dx)] + [0])
+        padded = keras.ops.pad(images, [[0, 0], [pad, pad], [pad, pad]]) if pad else images
+        stacked = []
+        for dy, dx, mirror in self.views:
+            view = padded[:, pad - dy : pad - dy + height, pad - dx : pad - dx + width]
+            stacked.append(keras.ops.flip(view, axis=2) if mirror else view)
+        return keras.ops.stack(stacked, axis=0)
+
+
+def serving_model(classifier: Classifier) -> keras.Model:
+    """One graph: the views, the trained model on all of them at once, their mean probabilities."""
+    views = tta_views(classifier.flip_tta, classifier.tta_shift)
+    images = keras.Input(IMAGE_SHAPE, name=INPUT_NAME, dtype="float32")
+    stacked = TestTimeViews(views)(images)
+    probs = classifier.model(keras.ops.reshape(stacked, (-1, *IMAGE_SHAPE)), training=False)
+    mean = keras.ops.mean(keras.ops.reshape(probs, (len(views), -1, NUM_CLASSES)), axis=0)
+    return keras.Model(images, {OUTPUT_NAME: mean}, name="serving")
+
+
+def parity(reference: np.ndarray, probs: np.ndarray) -> dict[str, float]:
+    """How closely `probs` follows the Keras model's `reference` probabilities."""
+    return {
+        "top1_agreement": float(np.mean(reference.argmax(axis=1) == probs.argmax(axis=1))),
+        "max_abs_diff": float(np.max(np.abs(reference.astype(np.float64) - probs))),
+    }
+
+
+def check_parity(name: str, stats: dict[str, float]) -> None:
+    if stats["top1_agreement"] < PARITY_TOP1 or not stats["max_abs_diff"] <= PARITY_ATOL:
+        raise WardrobeError(
+            f"export: {name} disagrees with the Keras model on the test images: top-1 agreement "
+            f"{stats['top1_agreement']:.4%} (needs {PARITY_TOP1:.2%}), largest probability difference "
+            f"{stats['max_abs_diff']:.2e} (allowed {PARITY_ATOL:.0e}); nothing was exported"
+        )
+
+
+def name_batch_dimension(path: Path) -> int:
+    """Call the ONNX graph's first input and output dimension `batch` (tf2onnx leaves `unk__N`);
+    return its opset."""
+    import onnx
+
+    graph_model = onnx.load(str(path))
+    for value in (*graph_model.graph.input, *graph_model.graph.output):
+        value.type.tensor_type.shape.dim[0].dim_param = "batch"
+    onnx.save(graph_model, str(path))
+    return next(op.version for op in graph_model.opset_import if op.domain in ("", "ai.onnx"))
+
+
+def saved_model_probs(directory: Path, x: np.ndarray) -> np.ndarray:
+    """What TF Serving computes: the `serving_default` signature of the SavedModel in `directory`."""
+    import tensorflow as tf
+
+    signature = tf.saved_model.load(str(directory)).signatures["serving_default"]
+    batches = [
+        signature(**{INPUT_NAME: tf.constant(x[i : i + PARITY_BATCH])})[OUTPUT_NAME].numpy()
+        for i in range(0, len(x), PARITY_BATCH)
+    ]
+    return np.concatenate(batches)
+
+
+@contextlib.contextmanager
+def atomic_dir(target: Path) -> Iterator[Path]:
+    """Yield an empty temp folder beside `target`; on success it replaces `target` whole.
+
+    The swap is two renames (the old folder aside, the new one in), then the old one is removed;
+    a failure before it leaves `target` as it was.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(f".{target.name}.*.tmp"):  # left by a killed run
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    tmp.chmod(0o755)
+    try:
+        yield tmp
+        old = target.with_name(f".{target.name}.old.tmp")
+        if target.exists():
+            os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main() -> None:
+    classifier = load_classifier(MODEL_PATH)
+    x_test, y_test = load_split(PREPARED_DIR, "test")
+    model = serving_model(classifier)
+    reference = classifier.predict_proba(x_test, PARITY_BATCH)
+    report: dict[str, object] = {
+        "test_images": len(x_test),
+        "tta_views": len(tta_views(classifier.flip_tta, classifier.tta_shift)),
+        "keras_accuracy": round(float(np.mean(reference.argmax(axis=1) == y_test)), 6),
+    }
+    # All three are written beside their targets and replace them only once both formats passed.
+    with (
+        atomic_dir(SAVED_MODEL_DIR) as saved_tmp,
+        atomic_path(ONNX_PATH) as onnx_tmp,
+        atomic_path(EXPORT_JSON) as json_tmp,
+    ):
+        model.export(str(saved_tmp / SERVING_VERSION), format="tf_saved_model", verbose=False)
+        with warnings.catch_warnings():  # Keras' tf2onnx patch trips a NumPy FutureWarning
+            warnings.simplefilter("ignore", FutureWarning)
+            model.export(str(onnx_tmp), format="onnx", verbose=False)
+        opset = name_batch_dimension(onnx_tmp)
+        candidates = {
+            "saved_model": saved_model_probs(saved_tmp / SERVING_VERSION, x_test),
+            "onnx": load_onnx_classifier(onnx_tmp).predict_proba(x_test, PARITY_BATCH),
+        }
+        for name, probs in candidates.items():
+            stats = parity(reference, probs)
+            check_parity(name, stats)
+            report[name] = {**stats, "accuracy": round(float(np.mean(probs.argmax(axis=1) == y_test)), 6)}
+        report["onnx"]["opset"] = opset
+        json_tmp.write_text(json.dumps(report, indent=2) + "\n")
+    print(
+        f"export: wrote {SAVED_MODEL_DIR}/{SERVING_VERSION} and {ONNX_PATH}; parity on {len(x_test)} test images: "
+        + ", ".join(
+            f"{name} top-1 {report[name]['top1_agreement']:.4%}, max diff {report[name]['max_abs_diff']:.1e}"
+            for name in candidates
+        )
+    )
+
+
+if __name__ == "__main__":
+    run_main(main)

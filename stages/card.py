@@ -87,6 +87,7 @@ def model_facts(path: Path) -> tuple[str, dict[str, int | bool]]:
 
 
 def read_run() -> Run:
+    prepare, train = load_section(PrepareParams), load_section(TrainParams)  # a params error first
     sizes = {}
     for split in SPLITS:
         try:
@@ -95,8 +96,8 @@ def read_run() -> Run:
             raise WardrobeError(f"{PREPARED_DIR}: cannot read the {split} labels: {exc}") from exc
     md5, tta = model_facts(MODEL_PATH)
     return Run(
-        prepare=load_section(PrepareParams),
-        train=load_section(TrainParams),
+        prepare=prepare,
+        train=train,
         recipe=yaml.safe_load(PARAMS_FILE.read_text(encoding="utf-8"))["train"],
         split_sizes=sizes,
         model_md5=md5,

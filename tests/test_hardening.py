@@ -99,6 +99,7 @@ READS = {
     "prepare": {"prepare"},
     "train": {"train"},
     "evaluate": {"evaluate"},
+    "card": {"prepare", "train"},
     "validate": {"prepare", "train", "evaluate"},
 }
 ENTRY_POINT_CASES = [

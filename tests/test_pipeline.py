@@ -16,7 +16,7 @@ import yaml
 from stages.outputs import ENVIRONMENT_JSON
 from tests.conftest import REPO, make_project, repro, sh, tiny_params, write_params
 
-ALL_STAGES = ["prepare", "train", "evaluate"]
+ALL_STAGES = ["prepare", "train", "evaluate", "export", "card"]
 
 
 def imported_stage_files(module: str) -> set[str]:
@@ -68,8 +68,8 @@ def test_second_repro_runs_nothing(project: tuple[Path, dict]) -> None:
 @pytest.mark.parametrize(
     ("section", "key", "value", "expected"),
     [
-        ("evaluate", "example_grid", 2, ["evaluate"]),
-        ("train", "batch_size", 8, ["train", "evaluate"]),
+        ("evaluate", "example_grid", 2, ["evaluate"]),  # same metrics: the card has nothing new to say
+        ("train", "batch_size", 8, ["train", "evaluate", "export", "card"]),
         ("prepare", "seed", 7, ALL_STAGES),
     ],
 )
@@ -89,9 +89,9 @@ def test_code_edit_reruns_only_its_stage(project: tuple[Path, dict]) -> None:
     assert repro(repo) == ["evaluate"]
 
 
-def test_a_changed_pin_in_the_lock_reruns_train_and_evaluate(project: tuple[Path, dict]) -> None:
-    """The environment is an input: a new Keras in requirements.lock makes train and evaluate stale
-    (prepare only decompresses); the record train wrote names the versions it ran with."""
+def test_a_changed_pin_in_the_lock_reruns_train_evaluate_and_export(project: tuple[Path, dict]) -> None:
+    """The environment is an input: a new Keras in requirements.lock makes train, evaluate and export
+    stale (prepare only decompresses, card only formats); the record train wrote names the versions."""
     import keras
 
     repo, _ = project
@@ -100,7 +100,7 @@ def test_a_changed_pin_in_the_lock_reruns_train_and_evaluate(project: tuple[Path
     assert f"\nkeras=={keras.__version__} " in pinned
     lock.write_text(pinned.replace(f"\nkeras=={keras.__version__} ", "\nkeras==3.99.0 "))
     stale = json.loads(sh(repo, "dvc", "status", "--json").stdout)
-    assert sorted(stale) == ["evaluate", "train"]
+    assert sorted(stale) == ["evaluate", "export", "train"]
     assert {"changed deps": {"requirements.lock": "modified"}} in stale["train"]
     lock.write_text(pinned)
     assert sh(repo, "dvc", "status", "--json").stdout.strip() == "{}"
@@ -157,7 +157,7 @@ def test_metrics_diff_reports_accuracy_change(project: tuple[Path, dict]) -> Non
     before = json.loads((repo / "metrics/metrics.json").read_text())["accuracy"]
     params["train"]["epochs"] = 6
     write_params(repo, params)
-    assert repro(repo) == ["train", "evaluate"]
+    assert repro(repo) == ["train", "evaluate", "export", "card"]
     sh(repo, "git", "add", "-A")
     sh(repo, "git", "commit", "-qm", "six epochs")
     after = json.loads((repo / "metrics/metrics.json").read_text())["accuracy"]

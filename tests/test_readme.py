@@ -34,7 +34,7 @@ import yaml
 from PIL import Image
 
 from stages.common import CLASS_NAMES
-from stages.outputs import METRICS_PATH, MODEL_PATH
+from stages.outputs import METRICS_PATH, MODEL_PATH, ONNX_PATH
 from tests.conftest import REPO, committed_params, make_project, sh, synthetic_images
 
 SECTIONS = ("Experiments", "Validation and CI", "The model as an artifact", "Predict on your own images")
@@ -258,12 +258,12 @@ def _publish(clone: Clone, command: Command) -> None:
     assert "fashion-classifier@v1.0.0" in sh(clone.origin, "git", "tag", "-l").stdout
 
 
-def _artifact_get(version: str) -> Callable[[Clone, Command], None]:
+def _artifact_get(version: str, source: Path = MODEL_PATH) -> Callable[[Clone, Command], None]:
     def check(clone: Clone, command: Command) -> None:
-        where = clone.elsewhere / version
+        where = clone.elsewhere / f"{version}-{source.suffix[1:]}"
         where.mkdir()
         _ok(clone.run(command, cwd=where))
-        assert (where / "model.keras").read_bytes() == (clone.path / MODEL_PATH).read_bytes()
+        assert (where / source.name).read_bytes() == (clone.path / source).read_bytes()
 
     return check
 
@@ -328,8 +328,10 @@ CHECKS: dict[str, Callable[[Clone, Command], None]] = {
     "git push origin fashion-classifier@v1.0.0 && dvc push": _publish,
     f"dvc artifacts get {GITHUB_URL} fashion-classifier": _artifact_get("latest"),
     f"dvc artifacts get {GITHUB_URL} fashion-classifier --rev v1.0.0": _artifact_get("v1.0.0"),
+    f"dvc artifacts get {GITHUB_URL} fashion-classifier-onnx": _artifact_get("latest", ONNX_PATH),
     "wardrobe-predict boot.png photo.jpg three.npy --top-k 2": _as_shown,
     "python -m stages.predict shirt.png --json --top-k 3": _as_shown,
+    "wardrobe-predict boot.png --runtime onnx": _as_shown,
     "wardrobe-predict missing.png": _as_shown,
 }
 

@@ -72,7 +72,7 @@ def test_push_then_pull_in_a_fresh_clone(
         sh(repo, "dvc", "remote", "modify", "storage", "endpointurl", endpoint)
     else:
         sh(repo, "dvc", "remote", "add", "-d", "storage", str(tmp_path / "shared-remote"))
-    assert repro(repo) == ["prepare", "train", "evaluate"]
+    assert repro(repo) == ["prepare", "train", "evaluate", "export", "card"]
     pushed = sh(repo, "dvc", "push").stdout
     assert "pushed" in pushed
     sh(repo, "git", "add", "-A")

@@ -22,7 +22,7 @@ def project(tmp_path_factory: pytest.TempPathFactory, idx_source: tuple[Path, di
     repo = make_project(tmp_path_factory.mktemp("ci") / "repo", params)
     remote = repo.parent / "remote"
     sh(repo, "dvc", "remote", "add", "-d", "storage", str(remote))
-    assert repro(repo) == ["prepare", "train", "evaluate"]
+    assert repro(repo) == ["prepare", "train", "evaluate", "export", "card"]
     sh(repo, "dvc", "push")
     sh(repo, "git", "add", "-A")
     sh(repo, "git", "commit", "-qm", "results")

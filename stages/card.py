@@ -155,7 +155,10 @@ def render(run: Run) -> str:
         + "), probabilities averaged"
     )
     sizes = run.split_sizes
-    top_pair = confused_pairs(run.confusion, 1).iloc[0]
+    top_pairs = confused_pairs(run.confusion, 1)
+    most_often = (
+        f", most often {top_pairs.iloc[0]['actual']} as {top_pairs.iloc[0]['predicted']}" if len(top_pairs) else ""
+    )
     weakest = ", ".join(
         f"{row['class']} (F1 {row['f1']:.3f})" for _, row in run.per_class.nsmallest(3, "f1").iterrows()
     )
@@ -182,7 +185,7 @@ The model file is `{MODEL_PATH}` (MD5 `{run.model_md5}`, DVC's hash of it in `dv
 - Photos of people wearing clothes, several items per picture, street or catalogue scenes.
 - Classes beyond the ten below: anything else is still given one of them, often confidently.
 - Decisions about people, and any use where a wrong class has a cost: {1 - m["accuracy"]:.1%} of the
-  test images are misclassified, most often {top_pair["actual"]} as {top_pair["predicted"]}.
+  test images are misclassified{most_often}.
 
 ## Input contract
 

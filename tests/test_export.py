@@ -6,6 +6,7 @@ tta_flip: always, tta_shift: 1), so the exported graphs carry 10 views and parit
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -229,6 +230,16 @@ def test_the_card_states_the_runs_own_numbers(exported: Path, monkeypatch: pytes
 
     monkeypatch.chdir(exported)
     assert render(read_run()) == card  # same files, same bytes: no dates, no randomness
+
+
+def test_a_run_without_mistakes_still_gets_its_card(exported: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from stages.card import read_run, render
+
+    monkeypatch.chdir(exported)
+    run = read_run()
+    card = render(dataclasses.replace(run, confusion=run.confusion.assign(predicted=run.confusion["actual"])))
+    assert "0.0% of the\n  test images are misclassified.\n" in card
+    assert "| actual | predicted as | test images |\n|---|---|---|\n\n## Known limitations" in card
 
 
 def test_the_committed_card_states_the_committed_numbers() -> None:

@@ -108,11 +108,12 @@ report: venv
 
 # Register a model version the way GTO does: an annotated tag <artifact>@vX.Y.Z, which is how
 # `dvc artifacts get` finds versions. Push the tag (and `dvc push` the model) to publish it.
-ARTIFACT := fashion-classifier
+# The Keras model and its exported formats are released together, one tag per artifact.
+ARTIFACTS := fashion-classifier fashion-classifier-onnx fashion-classifier-savedmodel
 release:
 	@echo "$(VERSION)" | grep -Eq '^[0-9]+\.[0-9]+\.[0-9]+$$' || { echo "usage: make release VERSION=x.y.z" >&2; exit 2; }
-	git tag -a "$(ARTIFACT)@v$(VERSION)" -m "$(ARTIFACT) v$(VERSION)"
-	@echo "tagged $(ARTIFACT)@v$(VERSION); publish with: git push origin $(ARTIFACT)@v$(VERSION) && dvc push"
+	for artifact in $(ARTIFACTS); do git tag -a "$$artifact@v$(VERSION)" -m "$$artifact v$(VERSION)" || exit 1; done
+	@echo "tagged $(foreach a,$(ARTIFACTS),$(a)@v$(VERSION)); publish with: git push origin --tags && dvc push"
 
 clean:
 	rm -rf $(VENV) $(SERVE_VENV) dvc_plots report.md report_images .pytest_cache .ruff_cache

@@ -196,7 +196,10 @@ def _metrics_diff(clone: Clone, command: Command) -> None:
     base = _flat(json.loads(sh(clone.path, "git", "show", f"main:{METRICS_PATH}").stdout))
     head = _flat(clone.results["lr3"])
     cells = [re.split(r"\s{2,}", line.strip()) for line in result.stdout.splitlines()[1:] if line.strip()]
-    rows = {row[1]: row[2:4] for row in cells}  # (class names have single spaces: "Ankle boot")
+    rows = {row[1]: row[2:4] for row in cells if row[0] == str(METRICS_PATH)}  # ("Ankle boot": one space)
+    # The exported formats' accuracy moved with the model's (metrics/export.json).
+    exported = {row[1]: float(row[3]) for row in cells if row[0] == "metrics/export.json"}
+    assert exported["onnx.accuracy"] == pytest.approx(head["accuracy"], abs=1e-5), result.stdout
     # Exactly the metrics that changed, each with both values (DVC rounds to 5 digits):
     assert set(rows) == {key for key in base if base[key] != head[key]}, result.stdout
     for key, (old, new) in rows.items():
@@ -250,12 +253,17 @@ def _make_ci(clone: Clone, command: Command) -> None:
 
 def _release(clone: Clone, command: Command) -> None:
     _ok(clone.run(command))
-    assert sh(clone.path, "git", "tag", "-l").stdout.split() == ["fashion-classifier@v1.0.0"]
+    assert sh(clone.path, "git", "tag", "-l").stdout.split() == [
+        "fashion-classifier-onnx@v1.0.0",
+        "fashion-classifier-savedmodel@v1.0.0",
+        "fashion-classifier@v1.0.0",
+    ]
 
 
 def _publish(clone: Clone, command: Command) -> None:
     _ok(clone.run(command))
-    assert "fashion-classifier@v1.0.0" in sh(clone.origin, "git", "tag", "-l").stdout
+    pushed = sh(clone.origin, "git", "tag", "-l").stdout.split()
+    assert {"fashion-classifier@v1.0.0", "fashion-classifier-onnx@v1.0.0"} <= set(pushed)
 
 
 def _artifact_get(version: str, source: Path = MODEL_PATH) -> Callable[[Clone, Command], None]:
@@ -325,7 +333,7 @@ CHECKS: dict[str, Callable[[Clone, Command], None]] = {
     "make report BASE=main": _make_report,
     "make ci BASE=main": _make_ci,
     "make release VERSION=1.0.0": _release,
-    "git push origin fashion-classifier@v1.0.0 && dvc push": _publish,
+    "git push origin --tags && dvc push": _publish,
     f"dvc artifacts get {GITHUB_URL} fashion-classifier": _artifact_get("latest"),
     f"dvc artifacts get {GITHUB_URL} fashion-classifier --rev v1.0.0": _artifact_get("v1.0.0"),
     f"dvc artifacts get {GITHUB_URL} fashion-classifier-onnx": _artifact_get("latest", ONNX_PATH),
@@ -442,5 +450,6 @@ def test_editing_a_recipe_makes_train_stale_only_when_it_is_the_selected_one(clo
     cnn.write_text(cnn.read_text().replace("dense_units: 256", "dense_units: 64"))
     sh(clone.path, "make", "params")
     assert _params_diff_main(clone) == {"train.dense_units": {"old": 256, "new": 64}}
-    assert list(json.loads(sh(clone.path, "dvc", "status", "--json").stdout)) == ["train"]  # (evaluate follows)
+    # (evaluate and export follow; card quotes the recipe)
+    assert list(json.loads(sh(clone.path, "dvc", "status", "--json").stdout)) == ["train", "card"]
     _reset(clone)

@@ -125,6 +125,7 @@ def table(header: list[str], rows: list[list[object]]) -> str:
 def render(run: Run) -> str:
     """The card's markdown: a pure function of the run, so tests can recompute it."""
     m, env, exp = run.metrics, run.environment, run.export
+    top_pairs = confused_pairs(run.confusion)  # the table, and its first row in the limitations
     per_class = table(
         ["class", "precision", "recall", "F1", "test images"],
         [
@@ -134,7 +135,7 @@ def render(run: Run) -> str:
     )
     pairs = table(
         ["actual", "predicted as", "test images"],
-        [[row["actual"], row["predicted"], int(row["count"])] for _, row in confused_pairs(run.confusion).iterrows()],
+        [[row["actual"], row["predicted"], int(row["count"])] for _, row in top_pairs.iterrows()],
     )
     formats = table(
         ["format", "path", "signature / input → output", "top-1 = Keras", "max probability difference"],
@@ -155,7 +156,6 @@ def render(run: Run) -> str:
         + "), probabilities averaged"
     )
     sizes = run.split_sizes
-    top_pairs = confused_pairs(run.confusion, 1)
     most_often = (
         f", most often {top_pairs.iloc[0]['actual']} as {top_pairs.iloc[0]['predicted']}" if len(top_pairs) else ""
     )

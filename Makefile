@@ -66,8 +66,12 @@ params: venv
 repro: venv dataset
 	dvc repro
 
+# Test files run in parallel, one worker per core (pytest-xdist): most of the suite waits on
+# single-threaded work (TensorFlow imports, graph tracing, dvc and git subprocesses). A file
+# stays on one worker, so its module fixtures (a tiny pipeline run) are built once.
+TEST_WORKERS ?= auto
 test: venv
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 # The unit tier: no subprocess pipelines (tests marked `pipeline` by tests/conftest.py).
 test-fast: venv

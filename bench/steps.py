@@ -1,6 +1,7 @@
 """How close the training step runs to the machine's limit: images/s and achieved FLOP/s.
 
 Usage: python -m bench.steps [--steps N] [RECIPE]   (needs data/prepared from `dvc repro`)
+       python -m bench.steps [--steps N] [RECIPE] --compare 'train.filters=[16,32,64]' ...
 
 Times N training steps of a recipe (best of two epochs after a warm-up epoch, which also shows
 the first epoch's tracing cost), in the pipeline's setting (op determinism on) and, each in its
@@ -9,6 +10,9 @@ FLOPs are counted from the layers: 2·MACs of each Conv2D and Dense per image fo
 training step (forward, gradient w.r.t. inputs, gradient w.r.t. weights). The peak is stated two
 ways: the theoretical one (cores × clock × FLOP per cycle from the CPU's vector flags) and a
 measured single-precision matrix multiply (NumPy's BLAS on all cores), a practical ceiling.
+
+`--compare` prices candidate trunks before anyone trains them: each argument is a set of `-S`
+overrides (space-separated), timed in the pipeline's setting against the recipe itself.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ def training_flops_per_image(model) -> float:
     return 3.0 * forward
 
 
-def time_steps(recipe: str, steps: int, determinism: bool, jit: bool) -> dict:
+def time_steps(recipe: str, steps: int, determinism: bool, jit: bool, overrides: tuple[str, ...] = ()) -> dict:
     """In this process: build the recipe's model as train does, time `steps` steps per epoch."""
     import dataclasses
 
@@ -61,7 +65,7 @@ def time_steps(recipe: str, steps: int, determinism: bool, jit: bool) -> dict:
 
     if determinism:
         enable_determinism()
-    params = parse_params(yaml.safe_load(compose(REPO / "conf", [f"train={recipe}"]))).train
+    params = parse_params(yaml.safe_load(compose(REPO / "conf", [f"train={recipe}", *overrides]))).train
     params = dataclasses.replace(params, epochs=3)
     x, y = load_split(PREPARED_DIR, "train")
     count = params.batch_size * steps
@@ -114,18 +118,41 @@ def sgemm_gflops(size: int = 2048, repeats: int = 10) -> float:
     return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
 
 
-def report(recipe: str, steps: int) -> str:
-    results = {}
-    for name, variant in VARIANTS.items():
-        out = subprocess.run(
-            [sys.executable, "-m", "bench.steps", "--child", json.dumps(variant), "--steps", str(steps), recipe],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
+def run_child(recipe: str, steps: int, name: str, variant: dict) -> dict:
+    """One variant in its own process: op determinism is process-wide."""
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.steps", "--child", json.dumps(variant), "--steps", str(steps), recipe],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    if out.returncode != 0:
+        raise SystemExit(f"bench.steps: {name} failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def compare(recipe: str, steps: int, candidates: list[str]) -> str:
+    pipeline = VARIANTS["pipeline (op determinism)"]
+    results = {"(the recipe)": run_child(recipe, steps, recipe, pipeline)}
+    for candidate in candidates:
+        results[candidate] = run_child(recipe, steps, candidate, {**pipeline, "overrides": candidate.split()})
+    base = results["(the recipe)"]
+    lines = [
+        f"Candidate trunks against `{recipe}` (op determinism on, {steps} steps per timed epoch):",
+        "",
+        "| overrides | batch | MFLOP per image | images/s | epoch cost vs the recipe |",
+        "|---|---|---|---|---|",
+    ]
+    for name, result in results.items():
+        lines.append(
+            f"| {name} | {result['batch_size']} | {result['flops_per_image'] / 1e6:.1f} | "
+            f"{result['images_per_s']:.0f} | {base['images_per_s'] / result['images_per_s']:.2f}× |"
         )
-        if out.returncode != 0:
-            raise SystemExit(f"bench.steps: {name} failed:\n{out.stderr[-2000:]}")
-        results[name] = json.loads(out.stdout.strip().splitlines()[-1])
+    return "\n".join(lines)
+
+
+def report(recipe: str, steps: int) -> str:
+    results = {name: run_child(recipe, steps, name, variant) for name, variant in VARIANTS.items()}
     peak, how = theoretical_peak_gflops()
     blas = sgemm_gflops()
     base = results["pipeline (op determinism)"]
@@ -152,12 +179,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("recipe", nargs="?", default="cnn")
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--compare", nargs="+", metavar="OVERRIDES", help="candidate -S overrides to price")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(time_steps(args.recipe, args.steps, **json.loads(args.child))))
         return
-    print(report(args.recipe, args.steps))
+    print(compare(args.recipe, args.steps, args.compare) if args.compare else report(args.recipe, args.steps))
 
 
 if __name__ == "__main__":

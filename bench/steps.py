@@ -12,7 +12,8 @@ ways: the theoretical one (cores × clock × FLOP per cycle from the CPU's vecto
 measured single-precision matrix multiply (NumPy's BLAS on all cores), a practical ceiling.
 
 `--compare` prices candidate trunks before anyone trains them: each argument is a set of `-S`
-overrides (space-separated), timed in the pipeline's setting against the recipe itself.
+overrides (space-separated), timed in the pipeline's setting against the recipe itself. It prices
+the training step only: a real epoch also pays the input pipeline and the validation pass.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +52,7 @@ def training_flops_per_image(model) -> float:
     return 3.0 * forward
 
 
-def time_steps(recipe: str, steps: int, determinism: bool, jit: bool, overrides: tuple[str, ...] = ()) -> dict:
+def time_steps(recipe: str, steps: int, determinism: bool, jit: bool, overrides: Sequence[str] = ()) -> dict:
     """In this process: build the recipe's model as train does, time `steps` steps per epoch."""
     import dataclasses
 
@@ -140,7 +142,7 @@ def compare(recipe: str, steps: int, candidates: list[str]) -> str:
     lines = [
         f"Candidate trunks against `{recipe}` (op determinism on, {steps} steps per timed epoch):",
         "",
-        "| overrides | batch | MFLOP per image | images/s | epoch cost vs the recipe |",
+        "| overrides | batch | MFLOP per image | images/s | step cost per image vs the recipe |",
         "|---|---|---|---|---|",
     ]
     for name, result in results.items():

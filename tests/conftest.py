@@ -122,8 +122,13 @@ def params_dict(idx_source: tuple[Path, dict[str, str]]) -> dict:
     return copy.deepcopy(tiny_params(*idx_source))
 
 
-def sh(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    """Run a real command (dvc, git, make) in `repo` with this venv first on PATH."""
+def sh(repo: Path, *args: str, check: bool = True, log: Path | None = None) -> subprocess.CompletedProcess:
+    """Run a real command (dvc, git, make) in `repo` with this venv first on PATH.
+
+    Output is captured through pipes, or written to `log` (stdout and stderr together; the
+    result's stdout holds it): a command that leaves a daemon holding its stdout, as
+    `dvc queue start` does, would keep a pipe open, and the test waiting, until the daemon ends.
+    """
     env = {
         **os.environ,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
@@ -133,7 +138,12 @@ def sh(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProces
         "GIT_COMMITTER_EMAIL": "t@example.com",
         "DVC_NO_ANALYTICS": "1",
     }
-    result = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True)
+    if log is None:
+        result = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True)
+    else:
+        with log.open("w") as out:
+            result = subprocess.run(args, cwd=repo, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
+        result.stdout, result.stderr = log.read_text(), ""
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result

@@ -84,9 +84,9 @@ class Clone:
     elsewhere: Path  # an empty folder outside the clone, for `dvc artifacts get`
     results: dict[str, object] = field(default_factory=dict)
 
-    def run(self, command: Command, cwd: Path | None = None):
+    def run(self, command: Command, cwd: Path | None = None, log: Path | None = None):
         text = command.text.replace(GITHUB_URL, str(self.origin))
-        return sh(cwd or self.path, "bash", "-c", text, check=False)
+        return sh(cwd or self.path, "bash", "-c", text, check=False, log=log)
 
 
 def _ok(result) -> None:
@@ -154,7 +154,10 @@ def _queue(name: str) -> Callable[[Clone, Command], None]:
 
 
 def _queue_start(clone: Clone, command: Command) -> None:
-    _ok(clone.run(command))
+    # Output to a file: `dvc queue start` forks a daemon that keeps the command's stdout until its
+    # workers exit, and a worker can hang in shutdown after its last task (seen here for 12+
+    # minutes); with a pipe the test would wait for it. `dvc queue stop --kill` below ends it.
+    _ok(clone.run(command, log=clone.path.parent / "queue-start.log"))
 
 
 def _queue_status(clone: Clone, command: Command) -> None:

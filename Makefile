@@ -68,8 +68,7 @@ repro: venv dataset
 
 # Test files run in parallel, one worker per core (pytest-xdist): most of the suite waits on
 # single-threaded work (TensorFlow imports, graph tracing, dvc and git subprocesses). A file
-# stays on one worker, so its module fixtures (a tiny pipeline run) are built once. More workers
-# than cores did not pay: on 2 cores, 4 workers took 9:56 where 2 took 9:37 (same session).
+# stays on one worker, so its module fixtures (a tiny pipeline run) are built once.
 TEST_WORKERS ?= auto
 test: venv
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile

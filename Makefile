@@ -11,6 +11,9 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 # The environment is the lock's, exactly (hashes checked; anything else in the venv is removed),
 # plus this project as an editable package. LOCK=requirements-gpu.lock for the GPU build.
 # uv comes from the lock too; the bootstrap copy is pinned to the same release.
+# --compile-bytecode: where PYTHONDONTWRITEBYTECODE is set (as on these CI machines), Python never
+# caches .pyc files, so every dvc and stage process would recompile its imports: a fresh clone's
+# `make test` took 16.7 min without it, 8.0 min with it (same machine, same hour); it adds ~20 s here.
 LOCK ?= requirements-dev.lock
 UV_VERSION := $(shell sed -n 's/^uv==\([^ ]*\).*/\1/p' requirements-dev.lock)
 $(STAMP): $(LOCK) pyproject.toml
@@ -18,7 +21,7 @@ $(STAMP): $(LOCK) pyproject.toml
 	test -x $(VENV)/bin/uv || $(PY) -m pip install -q uv==$(UV_VERSION)
 	@$(PY) -c 'import platform, sys; sys.exit(0 if sys.version_info[:2] == (3, 11) and platform.machine() == "x86_64" and sys.platform == "linux" else 1)' \
 		|| { echo "error: the locks are for Linux x86_64 with Python 3.11; on this platform use: $(PY) -m pip install -e '.[dev]'" >&2; exit 1; }
-	$(VENV)/bin/uv pip sync -q --python $(PY) --require-hashes $(LOCK)
+	$(VENV)/bin/uv pip sync -q --compile-bytecode --python $(PY) --require-hashes $(LOCK)
 	$(VENV)/bin/uv pip install -q --python $(PY) --no-deps -e .
 	touch $@
 

@@ -237,6 +237,7 @@ The resolved `train` parameters (params.yaml); training seed {run.train.seed}:
 | NumPy | {env["numpy"]} |
 | device | {env["device"]} {env["device_name"]} × {env["replicas"]} |
 | precision | {env["precision"]} ({env["precision_reason"]}) |
+| CPU kernels | {env.get("kernels", "not recorded")} |
 
 ## Results
 

@@ -67,6 +67,14 @@ def compute_device() -> Device:
     return Device("GPU", details.get("device_name", gpus[0].name), compute_capability=details.get("compute_capability"))
 
 
+def cpu_kernels() -> str:
+    """Which library computes on the CPU: oneDNN (stages/__init__.py turns it on) or Eigen
+    (TF_ENABLE_ONEDNN_OPTS=0). They round differently, so they train different models."""
+    from tensorflow.python.util import _pywrap_util_port  # TensorFlow's own test of the setting
+
+    return "oneDNN" if _pywrap_util_port.IsMklEnabled() else "Eigen"
+
+
 def environment_record(device: Device, precision: str, reason: str, replicas: int) -> dict[str, str | int]:
     """Flat strings and numbers, so `dvc metrics diff` shows each change on its own line."""
     import keras
@@ -80,6 +88,7 @@ def environment_record(device: Device, precision: str, reason: str, replicas: in
         "numpy": np.__version__,
         "device": device.kind,
         "device_name": device.name,
+        "kernels": cpu_kernels(),
         "replicas": replicas,
         "precision": precision,
         "precision_reason": reason,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -57,4 +58,6 @@ def test_the_record_holds_versions_device_and_precision() -> None:
     assert record["numpy"] == np.__version__ and record["python"].count(".") == 2
     assert (record["device"], record["device_name"], record["replicas"]) == ("CPU", device.name, 1)
     assert (record["precision"], record["precision_reason"]) == (policy, reason)
+    # stages/__init__.py turns oneDNN on unless the environment said otherwise
+    assert record["kernels"] == ("Eigen" if os.environ.get("TF_ENABLE_ONEDNN_OPTS") == "0" else "oneDNN")
     assert all(isinstance(value, str | int) for value in record.values())  # flat: one dvc metrics diff line each

@@ -110,18 +110,21 @@ def load_model(path: Path) -> Any:
     return model
 
 
-def decide_flip_tta(model: Any, setting: str) -> bool:
+def decide_flip_tta(trained_with_flips: bool, setting: str) -> bool:
     """The one test-time-augmentation policy (train records the decision in the model file).
 
-    auto: average over mirrored images only for models trained with flips (they contain a
-    RandomFlip layer); on a model trained without, flip-TTA costs accuracy (measured: -6 points
-    for the mlp). always / never force it.
+    auto: average over mirrored images only for models trained with flips; on a model trained
+    without, flip-TTA costs accuracy (measured: -6 points for the mlp). always / never force it.
     """
-    if setting == "auto":
-        import keras
+    return trained_with_flips if setting == "auto" else setting == "always"
 
-        return any(isinstance(layer, keras.layers.RandomFlip) for layer in model.layers)
-    return setting == "always"
+
+def has_flip_layer(model: Any) -> bool:
+    """Whether a model file from before train recorded flip-TTA was trained with flips: those
+    models flipped with a RandomFlip layer inside (flips now happen in the input pipeline)."""
+    import keras
+
+    return any(isinstance(layer, keras.layers.RandomFlip) for layer in model.layers)
 
 
 @dataclass(frozen=True)
@@ -142,7 +145,7 @@ def load_classifier(path: Path) -> Classifier:
     with zipfile.ZipFile(path) as archive:
         metadata = json.loads(archive.read("metadata.json"))
     recorded = metadata.get(FLIP_TTA_KEY)
-    flip = decide_flip_tta(model, "auto") if recorded is None else bool(recorded)
+    flip = decide_flip_tta(has_flip_layer(model), "auto") if recorded is None else bool(recorded)
     return Classifier(model, flip, int(metadata.get(SHIFT_TTA_KEY, 0)))
 
 

@@ -74,6 +74,12 @@ class TrainParams:
     # cnn only: BatchNormalization's moving-average momentum (Keras' default 0.99). Its inference
     # statistics need ~1/(1 - momentum) × a few steps to settle: lower it for very short runs.
     bn_momentum: float | None = field(default=None, metadata={**FRACTION, "arch": "cnn"})
+    # cnn only: pool right after each block's first conv, before its BN and ReLU (the CIFAR-10
+    # speed-run block: normalisation and the block's other convs run on a quarter of the pixels).
+    pool_first: bool | None = field(default=None, metadata={"arch": "cnn"})
+    # cnn only: dense = flatten → dropout → dense_units (BN, ReLU) → dropout → classes;
+    # global_max = global max-pool → dropout → classes (no hidden layer; dense_units unused).
+    head: Literal["dense", "global_max"] | None = field(default=None, metadata={"arch": "cnn"})
     dense_units: int = field(metadata=POSITIVE)
     dropout: float = field(metadata=PROBABILITY)
     epochs: int = field(metadata=POSITIVE)
@@ -88,6 +94,9 @@ class TrainParams:
     # 0 turns early stopping off; otherwise stop after this many epochs without val_accuracy gain
     # and restore the best weights.
     early_stopping_patience: int = field(metadata=NON_NEGATIVE)
+    # Applied to whole batches by the input pipeline (train.augment_batch): a random half of
+    # each batch mirrored left-right, every image moved by a random whole number of pixels in
+    # -augment_shift..augment_shift on each axis (zero fill).
     augment_flip: bool
     augment_shift: int = field(metadata=_rule(lambda v: 0 <= v <= 8, "must be in 0..8 pixels"))
     augment_erase: float = field(metadata=PROBABILITY)
@@ -264,7 +273,7 @@ def _build(cls: type, raw: Any, where: str) -> Any:
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin is types.UnionType:  # `X | None`: the key is optional by arch, but never null
+    if origin in (types.UnionType, typing.Union):  # `X | None`: the key is optional by arch, but never null
         return _coerce(value, next(arg for arg in args if arg is not type(None)), key)
     if origin is Literal:
         if value not in args:

@@ -50,30 +50,64 @@ class EpochFromOneCSVLogger(keras.callbacks.CSVLogger):
 
 
 def make_dataset(
-    x: np.ndarray, y: np.ndarray, batch_size: int, shuffle_seed: int | None, one_hot: bool
+    x: np.ndarray,
+    y: np.ndarray,
+    batch_size: int,
+    shuffle_seed: int | None,
+    one_hot: bool,
+    flip: bool = False,
+    shift: int = 0,
 ) -> tf.data.Dataset:
     """Batches of (images, labels); shuffles index batches, so the images are copied once, into TF.
 
     Shuffling indices and gathering a batch at a time keeps the shuffle buffer tiny (one int
-    per image) instead of a second copy of the 170 MB training array.
+    per image) instead of a second copy of the 170 MB training array. `flip` and `shift`
+    augment each batch (augment_batch) with random numbers drawn from the seeded
+    `Dataset.random`, new in each epoch and the same in every run.
     """
     images, labels = tf.constant(x), tf.constant(y)
     indices = tf.data.Dataset.range(len(x))
     if shuffle_seed is not None:
         indices = indices.shuffle(len(x), seed=shuffle_seed, reshuffle_each_iteration=True)
+    augment = flip or shift
+    if augment:
+        seed = 0 if shuffle_seed is None else shuffle_seed
+        randoms = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+        batches = tf.data.Dataset.zip(indices.batch(batch_size), randoms)
+    else:
+        batches = indices.batch(batch_size).map(lambda idx: (idx, tf.zeros([2], tf.int64)))
 
-    def gather(idx: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    def gather(idx: tf.Tensor, random: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         batch_labels = tf.gather(labels, idx)
         if one_hot:
             batch_labels = tf.one_hot(batch_labels, NUM_CLASSES)
-        return tf.gather(images, idx), batch_labels
+        batch_images = tf.gather(images, idx)
+        if augment:
+            batch_images = augment_batch(batch_images, random, flip, shift)
+        return batch_images, batch_labels
 
     # Several workers each take their share of every batch (DATA); the default (AUTO) would
     # first look for input files, find none, and fall back to DATA with a warning.
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     # A plain map: op determinism makes a parallel map sequential anyway (and TF logs an error).
-    return indices.batch(batch_size).map(gather).prefetch(tf.data.AUTOTUNE).with_options(options)
+    return batches.map(gather).prefetch(tf.data.AUTOTUNE).with_options(options)
+
+
+def augment_batch(images: tf.Tensor, seed: tf.Tensor, flip: bool, shift: int) -> tf.Tensor:
+    """N×H×W images, a random half mirrored left-right and each moved by whole pixels in
+    -shift..shift per axis (zero fill: the background is 0), in a few whole-batch ops."""
+    count, height, width = tf.shape(images)[0], images.shape[1], images.shape[2]
+    flip_seed, row_seed, col_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
+    if flip:
+        mirrored = tf.random.stateless_uniform([count], flip_seed) < 0.5
+        images = tf.where(mirrored[:, None, None], images[:, :, ::-1], images)
+    if shift:
+        padded = tf.pad(images, [[0, 0], [shift, shift], [shift, shift]])
+        rows = tf.random.stateless_uniform([count, 1], row_seed, 0, 2 * shift + 1, tf.int32) + tf.range(height)
+        cols = tf.random.stateless_uniform([count, 1], col_seed, 0, 2 * shift + 1, tf.int32) + tf.range(width)
+        images = tf.gather(tf.gather(padded, rows, axis=1, batch_dims=1), cols, axis=2, batch_dims=1)
+    return images
 
 
 @contextlib.contextmanager
@@ -131,7 +165,9 @@ def fit(
     replicas = strategy.num_replicas_in_sync
     global_batch = params.batch_size * replicas
     one_hot = params.label_smoothing > 0
-    train_ds = make_dataset(*train, global_batch, shuffle_seed=params.seed, one_hot=one_hot)
+    train_ds = make_dataset(
+        *train, global_batch, params.seed, one_hot, flip=params.augment_flip, shift=params.augment_shift
+    )
     val_ds = make_dataset(*val, global_batch, shuffle_seed=None, one_hot=one_hot)
     if replicas > 1:
         params = dataclasses.replace(params, learning_rate=params.learning_rate * replicas)
@@ -220,7 +256,7 @@ def main() -> None:
         atomic_path(ENVIRONMENT_JSON) as environment_tmp,
     ):
         model = fit(params, train, val, history_tmp, verbose=2, strategy=strategy)
-        save_model(model, model_tmp, decide_flip_tta(model, params.tta_flip), params.tta_shift)
+        save_model(model, model_tmp, decide_flip_tta(params.augment_flip, params.tta_flip), params.tta_shift)
         record = environment_record(device, precision, reason, strategy.num_replicas_in_sync)
         environment_tmp.write_text(json.dumps(record, indent=2) + "\n")
     print(f"train: wrote {MODEL_PATH}, {HISTORY_CSV} and {ENVIRONMENT_JSON}")

@@ -16,15 +16,15 @@ from tests.conftest import save_wrong_shape_model
 def test_flip_tta_only_for_flip_trained_models() -> None:
     import keras
 
-    from stages.common import decide_flip_tta, predict_proba
+    from stages.common import decide_flip_tta, has_flip_layer, predict_proba
 
+    assert decide_flip_tta(False, "auto") is False and decide_flip_tta(True, "auto") is True
+    assert decide_flip_tta(False, "always") is True and decide_flip_tta(True, "never") is False
     plain_in = keras.Input((28, 28))
     plain = keras.Model(plain_in, keras.layers.Dense(10, activation="softmax")(keras.layers.Flatten()(plain_in)))
     flip_in = keras.Input((28, 28, 1))
     flipped = keras.Model(flip_in, keras.layers.RandomFlip("horizontal")(flip_in))
-    assert decide_flip_tta(plain, "auto") is False
-    assert decide_flip_tta(flipped, "auto") is True
-    assert decide_flip_tta(plain, "always") is True and decide_flip_tta(flipped, "never") is False
+    assert (has_flip_layer(plain), has_flip_layer(flipped)) == (False, True)  # files saved before the key
     x = np.random.default_rng(0).random((3, 28, 28), dtype=np.float32)
     averaged = predict_proba(plain, x, 2, flip_tta=True)
     expected = (plain.predict(x, verbose=0) + plain.predict(x[:, :, ::-1], verbose=0)) / 2

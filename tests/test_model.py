@@ -40,10 +40,50 @@ def test_cnn_shapes_and_probabilities(idx_source: tuple[Path, dict[str, str]]) -
     assert convs == [4, 8, 8]
 
 
-def test_augmentation_only_in_training(mlp) -> None:
+def test_erasing_only_in_training(mlp) -> None:
+    """Flips and shifts happen in the input pipeline (test_train); erasing is a layer."""
     model = build_model(dataclasses.replace(mlp, augment_flip=True, augment_shift=2, augment_erase=0.5))
-    assert any(isinstance(layer, keras.layers.RandomFlip) for layer in model.layers)
+    assert any(isinstance(layer, keras.layers.RandomErasing) for layer in model.layers)
+    in_pipeline = (keras.layers.RandomFlip, keras.layers.RandomTranslation)
+    assert not any(isinstance(layer, in_pipeline) for layer in model.layers)
     x = np.random.default_rng(1).random((4, 28, 28), dtype=np.float32)
     # Inference ignores augmentation and dropout: two calls agree exactly.
     np.testing.assert_array_equal(model(x, training=False), model(x, training=False))
     assert not np.allclose(model(x, training=True), model(x, training=False))
+
+
+def test_pool_first_blocks_and_global_max_head(idx_source: tuple[Path, dict[str, str]]) -> None:
+    overrides = (
+        "train=cnn",
+        "train.filters=[4,8]",
+        "train.convs_per_block=[2,2]",
+        "train.pool_first=true",
+        "train.head=global_max",
+    )
+    model = build_model(parse_params(committed_params(*idx_source, *overrides)).train)
+    kinds = [type(layer).__name__ for layer in model.layers[2:]]
+    block = ["Conv2D", "MaxPooling2D", "FusedBatchNormalization", "ReLU", "Conv2D", "FusedBatchNormalization", "ReLU"]
+    assert kinds == [*block, *block, "GlobalMaxPooling2D", "Dropout", "Dense"]
+    # conv weights (no bias) and BN's four per channel, block by block; then the classes
+    block1, block2 = 9 * 4 + 4 * 4 + 9 * 4 * 4 + 4 * 4, 9 * 4 * 8 + 4 * 8 + 9 * 8 * 8 + 4 * 8
+    assert model.count_params() == block1 + block2 + 8 * 10 + 10
+
+
+def test_fused_batch_norm_matches_keras_and_saves(tmp_path: Path) -> None:
+    """Training outputs and moving statistics as Keras' own layer computes them (to float32
+    rounding), and a saved model reloads in safe mode with the same predictions."""
+    from stages.model import FusedBatchNormalization
+
+    x = np.random.default_rng(2).normal(3.0, 2.0, (8, 5, 5, 3)).astype(np.float32)
+    fused, plain = FusedBatchNormalization(momentum=0.5), keras.layers.BatchNormalization(momentum=0.5)
+    np.testing.assert_allclose(fused(x, training=True), plain(x, training=True), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(fused.moving_mean, plain.moving_mean, rtol=1e-5)
+    bessel = 200 / 199  # the fused kernel's moving variance is the unbiased one (n = 8·5·5)
+    expected_variance = 0.5 + (np.asarray(plain.moving_variance) - 0.5) * bessel
+    np.testing.assert_allclose(fused.moving_variance, expected_variance, rtol=1e-5)
+    inputs = keras.Input((5, 5, 3))
+    model = keras.Model(inputs, FusedBatchNormalization()(inputs))
+    model.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras", safe_mode=True)
+    assert type(loaded.layers[1]) is FusedBatchNormalization
+    np.testing.assert_array_equal(loaded.predict(x, verbose=0), model.predict(x, verbose=0))

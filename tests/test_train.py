@@ -11,6 +11,7 @@ import keras
 import numpy as np
 import pandas as pd
 import pytest
+import tensorflow as tf
 
 from stages.common import FLIP_TTA_KEY, SHIFT_TTA_KEY, WardrobeError, enable_determinism, load_model
 from stages.outputs import HISTORY_COLUMNS
@@ -45,6 +46,37 @@ def test_dataset_batches_and_shuffles_deterministically() -> None:
     np.testing.assert_array_equal(order, again)
     one_hot = next(make_dataset(x, y, 4, None, True).as_numpy_iterator())[1]
     assert one_hot.shape == (4, 10) and one_hot.argmax(1).tolist() == [0, 1, 2, 3]
+
+
+def test_batch_augmentation_flips_and_shifts_deterministically() -> None:
+    from stages.train import augment_batch
+
+    image = np.zeros((28, 28), np.float32)
+    image[10, 3] = 1.0  # one bright pixel: where it lands says what happened to the image
+    batch = np.repeat(image[None], 64, axis=0)
+    out = augment_batch(tf.constant(batch), tf.constant([7, 8], tf.int64), flip=True, shift=2).numpy()
+    places = {tuple(int(v) for v in np.argwhere(o)[0]) for o in out}
+    assert all(o.sum() == 1.0 for o in out)  # moved, never lost or blurred (2 px from the edge)
+    assert {row for row, _ in places} == set(range(8, 13))  # 10 ± 2 rows
+    assert {col for _, col in places} == set(range(1, 6)) | set(range(22, 27))  # 3 ± 2, or mirrored
+    again = augment_batch(tf.constant(batch), tf.constant([7, 8], tf.int64), flip=True, shift=2).numpy()
+    np.testing.assert_array_equal(out, again)
+    plain = augment_batch(tf.constant(batch), tf.constant([7, 8], tf.int64), flip=False, shift=0).numpy()
+    np.testing.assert_array_equal(plain, batch)
+
+
+def test_augmented_dataset_changes_each_epoch_and_repeats_each_run() -> None:
+    x = np.random.default_rng(0).random((12, 28, 28), dtype=np.float32)
+    y = np.arange(12, dtype=np.uint8)
+
+    def two_epochs() -> list[np.ndarray]:
+        dataset = make_dataset(x, y, 4, 5, False, flip=True, shift=1)
+        return [np.concatenate([b[0] for b in dataset.as_numpy_iterator()]) for _ in range(2)]
+
+    first, second = two_epochs()
+    assert not np.array_equal(first, second)
+    for run, again in zip((first, second), two_epochs(), strict=True):
+        np.testing.assert_array_equal(run, again)
 
 
 def test_fit_writes_history_from_epoch_one(tmp_path: Path, data, params) -> None:

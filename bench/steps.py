@@ -5,7 +5,9 @@ Usage: python -m bench.steps [--steps N] [RECIPE]   (needs data/prepared from `d
 
 Times N training steps of a recipe (best of two epochs after a warm-up epoch, which also shows
 the first epoch's tracing cost), in the pipeline's setting (op determinism on) and, each in its
-own process because determinism is global, with determinism off and with XLA (`jit_compile`).
+own process because determinism is global, with determinism off, with XLA (`jit_compile`) and
+with TensorFlow's Eigen kernels instead of oneDNN (the default on CPUs without AVX512_VNNI/AMX
+before stages/__init__.py decided it).
 FLOPs are counted from the layers: 2·MACs of each Conv2D and Dense per image forward, ×3 for a
 training step (forward, gradient w.r.t. inputs, gradient w.r.t. weights). The peak is stated two
 ways: the theoretical one (cores × clock × FLOP per cycle from the CPU's vector flags) and a
@@ -31,10 +33,12 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 VARIANTS = {
-    "pipeline (op determinism)": {"determinism": True, "jit": False},
+    "pipeline (op determinism, oneDNN)": {"determinism": True, "jit": False},
+    "Eigen kernels (TF_ENABLE_ONEDNN_OPTS=0)": {"determinism": True, "jit": False, "onednn": False},
     "op determinism off": {"determinism": False, "jit": False},
     "XLA jit_compile": {"determinism": True, "jit": True},
 }
+PIPELINE = "pipeline (op determinism, oneDNN)"
 
 
 def training_flops_per_image(model) -> float:
@@ -121,12 +125,16 @@ def sgemm_gflops(size: int = 2048, repeats: int = 10) -> float:
 
 
 def run_child(recipe: str, steps: int, name: str, variant: dict) -> dict:
-    """One variant in its own process: op determinism is process-wide."""
+    """One variant in its own process: op determinism is process-wide, and the kernel library
+    is chosen when TensorFlow loads (stages/__init__.py turns oneDNN on unless told otherwise)."""
+    variant = dict(variant)
+    env = {**os.environ, "TF_ENABLE_ONEDNN_OPTS": "1" if variant.pop("onednn", True) else "0"}
     out = subprocess.run(
         [sys.executable, "-m", "bench.steps", "--child", json.dumps(variant), "--steps", str(steps), recipe],
         cwd=REPO,
         capture_output=True,
         text=True,
+        env=env,
     )
     if out.returncode != 0:
         raise SystemExit(f"bench.steps: {name} failed:\n{out.stderr[-2000:]}")
@@ -134,7 +142,7 @@ def run_child(recipe: str, steps: int, name: str, variant: dict) -> dict:
 
 
 def compare(recipe: str, steps: int, candidates: list[str]) -> str:
-    pipeline = VARIANTS["pipeline (op determinism)"]
+    pipeline = VARIANTS[PIPELINE]
     results = {"(the recipe)": run_child(recipe, steps, recipe, pipeline)}
     for candidate in candidates:
         results[candidate] = run_child(recipe, steps, candidate, {**pipeline, "overrides": candidate.split()})
@@ -157,7 +165,7 @@ def report(recipe: str, steps: int) -> str:
     results = {name: run_child(recipe, steps, name, variant) for name, variant in VARIANTS.items()}
     peak, how = theoretical_peak_gflops()
     blas = sgemm_gflops()
-    base = results["pipeline (op determinism)"]
+    base = results[PIPELINE]
     lines = [
         f"Training step of `{recipe}` (batch {base['batch_size']}, {steps} steps per timed epoch): "
         f"{base['flops_per_image'] / 1e6:.1f} MFLOP per image (3 × forward conv + dense).",

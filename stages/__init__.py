@@ -71,14 +71,15 @@ class _BannerFilteringLoader(importlib.abc.Loader):
 
 
 class _QuietTensorFlowFinder(importlib.abc.MetaPathFinder):
-    """Finds `tensorflow` as Python would, once, and wraps its loader (above)."""
+    """Finds `tensorflow` as Python would and wraps its loader (above). Python asks finders only
+    for modules not yet in sys.modules, so once TensorFlow is loaded this is never called again;
+    a mere `importlib.util.find_spec("tensorflow")` (predict's "is it installed?") loads nothing."""
 
     def find_spec(
         self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
     ) -> importlib.machinery.ModuleSpec | None:
         if fullname != "tensorflow":
             return None
-        sys.meta_path.remove(self)
         spec = importlib.machinery.PathFinder.find_spec(fullname, path)
         if spec is not None and spec.loader is not None:
             spec.loader = _BannerFilteringLoader(spec.loader)

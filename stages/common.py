@@ -97,6 +97,8 @@ def load_model(path: Path) -> Any:
     """Load a saved Keras model safely (no code from the file) and check it maps 28×28 to 10 classes."""
     import keras
 
+    import stages.layers  # noqa: F401  (registers the project's layers for deserialization)
+
     if not path.is_file():
         raise WardrobeError(f"{path}: model file not found; run the train stage first")
     try:

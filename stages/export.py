@@ -143,8 +143,20 @@ def atomic_dir(target: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def check_float32(model: keras.Model, path: Path) -> None:
+    """ONNX Runtime's CPU kernels have no bfloat16 convolution (the graph fails to load), and a
+    float32 copy would not match what evaluate measured: refuse before exporting anything."""
+    compute = sorted({layer.dtype_policy.compute_dtype for layer in model.layers} - {"float32"})
+    if compute:
+        raise WardrobeError(
+            f"{path}: the model computes in {', '.join(compute)}, which ONNX Runtime cannot run on a CPU; "
+            "export needs a float32 model: train with train.precision=float32 (the cnn default)"
+        )
+
+
 def main() -> None:
     classifier = load_classifier(MODEL_PATH)
+    check_float32(classifier.model, MODEL_PATH)
     x_test, y_test = load_split(PREPARED_DIR, "test")
     model = serving_model(classifier)
     reference = classifier.predict_proba(x_test, PARITY_BATCH)

@@ -84,13 +84,18 @@ class TrainParams:
     dropout: float = field(metadata=PROBABILITY)
     epochs: int = field(metadata=POSITIVE)
     batch_size: int = field(metadata=POSITIVE)
-    optimizer: Literal["adam", "adamw"]
+    # adamw: decoupled weight decay; sgd_nesterov: SGD with Nesterov momentum 0.9 and weight_decay.
+    optimizer: Literal["adam", "adamw", "sgd_nesterov"]
     learning_rate: float = field(metadata=POSITIVE)
     weight_decay: float = field(metadata=NON_NEGATIVE)
     # cosine: linear warm-up over warmup_epochs, then cosine decay to 0 by the last epoch.
     lr_schedule: Literal["constant", "cosine"]
     warmup_epochs: float = field(metadata=NON_NEGATIVE)
     label_smoothing: float = field(metadata=PROBABILITY)
+    # Keep an exponential moving average of the weights (Keras' use_ema) and save it instead of
+    # the last step's weights; 0 = off. Pair it with a fast bn_momentum: the BatchNorm statistics
+    # are averaged by their own momentum, not by this one.
+    ema_momentum: float = field(metadata=PROBABILITY)
     # 0 turns early stopping off; otherwise stop after this many epochs without val_accuracy gain
     # and restore the best weights.
     early_stopping_patience: int = field(metadata=NON_NEGATIVE)

@@ -135,10 +135,13 @@ def learning_rate(params: TrainParams, steps_per_epoch: int) -> float | keras.op
 
 def compile_model(model: keras.Model, params: TrainParams, steps_per_epoch: int) -> None:
     lr = learning_rate(params, steps_per_epoch)
+    ema = {"use_ema": True, "ema_momentum": params.ema_momentum} if params.ema_momentum else {}
     if params.optimizer == "adamw":
-        optimizer = keras.optimizers.AdamW(lr, weight_decay=params.weight_decay)
+        optimizer = keras.optimizers.AdamW(lr, weight_decay=params.weight_decay, **ema)
+    elif params.optimizer == "sgd_nesterov":
+        optimizer = keras.optimizers.SGD(lr, momentum=0.9, nesterov=True, weight_decay=params.weight_decay, **ema)
     else:
-        optimizer = keras.optimizers.Adam(lr)
+        optimizer = keras.optimizers.Adam(lr, **ema)
     # Keras' sparse loss has no label smoothing; the dense one needs one-hot labels (make_dataset).
     if params.label_smoothing:
         loss = keras.losses.CategoricalCrossentropy(label_smoothing=params.label_smoothing)

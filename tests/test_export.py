@@ -64,6 +64,21 @@ def test_the_views_inside_the_graph_are_exactly_the_numpy_views() -> None:
     np.testing.assert_array_equal(got, np.stack(want))
 
 
+def test_a_bfloat16_model_is_refused_in_one_line_before_anything_is_exported() -> None:
+    import keras
+
+    from stages.export import check_float32
+    from stages.train import dtype_policy
+
+    with dtype_policy("mixed_bfloat16"):
+        inputs = keras.Input((28, 28))
+        model = keras.Model(inputs, keras.layers.Dense(10)(keras.layers.Flatten()(inputs)))
+    with pytest.raises(WardrobeError, match=r"^m\.keras: the model computes in bfloat16, which ONNX Runtime cannot"):
+        check_float32(model, Path("m.keras"))
+    plain = keras.Input((28, 28))
+    check_float32(keras.Model(plain, keras.layers.Dense(10)(keras.layers.Flatten()(plain))), Path("m.keras"))
+
+
 def test_both_formats_match_keras_within_the_stated_parity(exported: Path) -> None:
     import onnxruntime
     import tensorflow as tf

@@ -47,7 +47,9 @@ def test_onednn_is_on_unless_turned_off_and_silent_either_way(tmp_path: Path, se
     """Both CPU kinds run oneDNN (TensorFlow's own default turns it on only on some Intel CPUs);
     where it is on, TensorFlow prints absl's and oneDNN's lines whatever the log level."""
     variables = {} if setting == "unset" else {"TF_ENABLE_ONEDNN_OPTS": setting}
-    result = _python(f"import stages, keras; {ONEDNN_CHECK}", tmp_path, **variables)
+    # predict first asks whether TensorFlow is installed (importlib.util.find_spec), then imports it
+    code = f"import importlib.util, stages; assert importlib.util.find_spec('tensorflow'); import keras; {ONEDNN_CHECK}"
+    result = _python(code, tmp_path, **variables)
     assert (result.returncode, result.stdout, result.stderr) == (0, f"{setting != '0'}\n", "")
     unfiltered = _python(f"import tensorflow; {ONEDNN_CHECK}", tmp_path, TF_ENABLE_ONEDNN_OPTS="1")
     assert "oneDNN custom operations are on" in unfiltered.stderr  # what the filter removes

@@ -72,7 +72,7 @@ def test_pool_first_blocks_and_global_max_head(idx_source: tuple[Path, dict[str,
 def test_fused_batch_norm_matches_keras_and_saves(tmp_path: Path) -> None:
     """Training outputs and moving statistics as Keras' own layer computes them (to float32
     rounding), and a saved model reloads in safe mode with the same predictions."""
-    from stages.model import FusedBatchNormalization
+    from stages.layers import FusedBatchNormalization
 
     x = np.random.default_rng(2).normal(3.0, 2.0, (8, 5, 5, 3)).astype(np.float32)
     fused, plain = FusedBatchNormalization(momentum=0.5), keras.layers.BatchNormalization(momentum=0.5)

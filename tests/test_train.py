@@ -97,6 +97,8 @@ def test_fit_writes_history_from_epoch_one(tmp_path: Path, data, params) -> None
             "filters": (4,),
             "convs_per_block": (1,),
             "bn_momentum": 0.9,
+            "pool_first": False,
+            "head": "dense",
             "dense_units": 8,
             "optimizer": "adamw",
             "lr_schedule": "cosine",
@@ -108,8 +110,21 @@ def test_fit_writes_history_from_epoch_one(tmp_path: Path, data, params) -> None
             "early_stopping_patience": 1,
             "precision": "mixed_bfloat16",
         },
+        {  # float32: the fused BatchNorm kernel in training
+            "arch": "cnn",
+            "filters": (4, 8),
+            "convs_per_block": (2, 1),
+            "bn_momentum": 0.8,
+            "pool_first": True,
+            "head": "global_max",
+            "optimizer": "sgd_nesterov",
+            "ema_momentum": 0.9,
+            "augment_flip": True,
+            "augment_shift": 1,
+            "precision": "float32",
+        },
     ],
-    ids=["mlp", "cnn-all-options"],
+    ids=["mlp", "cnn-all-options", "cnn-speedrun-options"],
 )
 def test_fit_is_deterministic(tmp_path: Path, data, params, overrides: dict) -> None:
     enable_determinism()  # what `python -m stages.train` does (one-way, for the rest of this process)

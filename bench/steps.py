@@ -75,7 +75,8 @@ def time_steps(recipe: str, steps: int, determinism: bool, jit: bool, overrides:
     params = dataclasses.replace(params, epochs=3)
     x, y = load_split(PREPARED_DIR, "train")
     count = params.batch_size * steps
-    dataset = make_dataset(x[:count], y[:count], params.batch_size, shuffle_seed=params.seed, one_hot=False)
+    one_hot = params.label_smoothing > 0  # as train.fit: the smoothed loss takes one-hot labels
+    dataset = make_dataset(x[:count], y[:count], params.batch_size, shuffle_seed=params.seed, one_hot=one_hot)
     model = build_model(params)
     compile_model(model, params, steps_per_epoch=steps)
     model.compile(optimizer=model.optimizer, loss=model.loss, metrics=["accuracy"], jit_compile=jit)

@@ -4,10 +4,11 @@ Two settings that must be in place before TensorFlow loads (importing keras impo
 so they live here, where every `python -m stages.X` starts:
 
 - **oneDNN on, on every CPU.** TensorFlow enables its oneDNN kernels by default only on CPUs with
-  AVX512_VNNI, AVX512_BF16, AVX_VNNI or AMX (most Intel servers), so two CPU kinds ran two kernel
-  libraries and trained two different models. Measured on a 2-core AMD EPYC (AVX2), training
-  step of the cnn, batch 256: 1596 images/s with Eigen, 3900 with oneDNN and the fused
-  BatchNorm of stages/model.py (BENCHMARKS.md, round 3). A value the user set
+  AVX512_VNNI, AVX512_BF16, AVX_VNNI or AMX (most Intel servers, AMD Zen 4 and later), so the
+  CPU kinds ran two kernel libraries and trained two different models. Measured on a 2-core
+  AMD EPYC with AVX-512, round 2's training step at batch 256 (BENCHMARKS.md, round 3): 1680
+  images/s with Eigen, 3664 with oneDNN and the fused BatchNorm of stages/layers.py; with
+  oneDNN capped at AVX2 (as on the AVX2 EPYCs) 1506, about Eigen's. A value the user set
   (TF_ENABLE_ONEDNN_OPTS=0) wins, and metrics/environment.json records which library ran.
 - **No banner.** TF_CPP_MIN_LOG_LEVEL=1 hides TensorFlow's INFO logs (cpu_feature_guard's "not
   compiled to use AVX2" lines) and nothing else. oneDNN's "custom operations are on" line and

@@ -12,8 +12,9 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
 
     Keras 3 on TensorFlow normalises with separate moments / batch_normalization ops; on a CPU
     the step of a small convnet is bound by that elementwise traffic, not by the convolutions.
-    FusedBatchNormV3 does it in one pass (oneDNN has its own kernel for it): the cnn's training
-    step ran 2.5× as fast with it under oneDNN on a 2-core AMD EPYC (BENCHMARKS.md, round 3).
+    FusedBatchNormV3 does it in one pass (oneDNN has its own kernel for it): with oneDNN on an
+    AVX-512 EPYC, round 2's cnn step ran 1.15× as fast with it, a two-conv block 1.7× (probes
+    of BENCHMARKS.md, round 3); with Eigen it changes nothing.
     Same weights, same config and the same inference path as the parent (moving statistics), so
     the file loads in safe mode (this module registers it) and exports like any BatchNorm. Only
     4-D float32 inputs over the last axis take the fused path; anything else is the parent's.

@@ -13,7 +13,7 @@ def build_model(params: TrainParams) -> keras.Model:
     """Return an uncompiled model mapping N×28×28 floats in [0, 1] to class probabilities.
 
     Flips and shifts are applied to whole batches by the input pipeline (train.augment_batch),
-    not by layers here: per-image Keras layers cost ~40 % of an epoch on 2 cores. Random erasing
+    not by per-image Keras layers (they cost ~40 % of an epoch on the Intel kind, issue #23). Random erasing
     stays a layer (it runs only in training), so the saved model predicts on clean images.
     """
     inputs = keras.Input(shape=IMAGE_SHAPE, name="image")

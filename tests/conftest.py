@@ -24,6 +24,7 @@ from stages.params import compose
 REPO = Path(__file__).resolve().parent.parent
 TRAIN_PER_CLASS = 12
 TEST_PER_CLASS = 4
+NOISE = 110.0  # std of the pixel noise: hard enough that a one-epoch mlp is not perfect
 
 
 def idx_bytes(array: np.ndarray) -> bytes:
@@ -32,7 +33,7 @@ def idx_bytes(array: np.ndarray) -> bytes:
     return header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
 
 
-def synthetic_images(per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def synthetic_images(per_class: int, seed: int, noise: float = NOISE) -> tuple[np.ndarray, np.ndarray]:
     """Noisy copies of one random template per class: learnable, but not perfectly in one epoch.
 
     Like Fashion-MNIST, the garment is light on a black frame (predict relies on that look) and
@@ -43,16 +44,16 @@ def synthetic_images(per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]
     templates[:, 4:24, 4:24] = np.concatenate([left_half, left_half[:, :, ::-1]], axis=2)
     rng = np.random.default_rng(seed)
     labels = np.tile(np.arange(10, dtype=np.uint8), per_class)
-    noise = rng.normal(0, 110, size=(len(labels), 28, 28))
-    images = np.clip(templates[labels] + noise, 0, 255).astype(np.uint8)
+    noise_pixels = rng.normal(0, noise, size=(len(labels), 28, 28))
+    images = np.clip(templates[labels] + noise_pixels, 0, 255).astype(np.uint8)
     return images, labels
 
 
-def write_idx_dir(directory: Path) -> dict[str, str]:
+def write_idx_dir(directory: Path, noise: float = NOISE) -> dict[str, str]:
     """Write the four .gz files; return their decompressed SHA-256 (the params `sha256` map)."""
     directory.mkdir(parents=True, exist_ok=True)
-    x_train, y_train = synthetic_images(TRAIN_PER_CLASS, seed=1)
-    x_test, y_test = synthetic_images(TEST_PER_CLASS, seed=2)
+    x_train, y_train = synthetic_images(TRAIN_PER_CLASS, seed=1, noise=noise)
+    x_test, y_test = synthetic_images(TEST_PER_CLASS, seed=2, noise=noise)
     hashes = {}
     for name, array in (
         ("train-images-idx3-ubyte", x_train),

@@ -3,10 +3,11 @@ Predict sections runs here, as written, with the real dvc, git and make.
 
 The project is a temp clone of the committed files. Its params are the committed conf/ with two
 edits a user with a tiny dataset would make in conf/config.yaml: the data sources pointed at the
-synthetic IDX files, and `train: {batch_size: 8, bn_momentum: 0.9, epochs: 30}`, an override that
-applies to every cnn recipe (at the default momentum 0.99 BatchNorm's statistics need many hundred
-steps to settle, ~100 images give 14 steps an epoch, and the gates need ~400 of them; `-S` would
-last one run only, since `dvc exp run` recomposes params.yaml from conf/).
+synthetic IDX files (a little less noisy than the other tests', README_NOISE), and `train:
+{batch_size: 8, bn_momentum: 0.9, epochs: 30}`, an override that applies to every cnn recipe (at
+the default momentum 0.99 BatchNorm's statistics need many hundred steps to settle, ~100 images
+give 14 steps an epoch, and the gates need ~400 of them; `-S` would last one run only, since `dvc
+exp run` recomposes params.yaml from conf/).
 Every command extracted from the README must have an entry in CHECKS saying what it must do, so a
 command added to the README without a check fails `test_every_readme_command_has_a_check`.
 
@@ -35,7 +36,7 @@ from PIL import Image
 
 from stages.common import CLASS_NAMES, load_model
 from stages.outputs import METRICS_PATH, MODEL_PATH, ONNX_PATH
-from tests.conftest import REPO, committed_params, make_project, sh, synthetic_images
+from tests.conftest import REPO, TEST_PER_CLASS, committed_params, make_project, sh, synthetic_images, write_idx_dir
 
 SECTIONS = ("Experiments", "Validation and CI", "The model as an artifact", "Predict on your own images")
 GITHUB_URL = "https://github.com/ORG/wardrobe"  # the README's placeholder; here: a local bare repo
@@ -404,12 +405,18 @@ def _user_images(folder: Path, x: np.ndarray, y: np.ndarray) -> dict[str, int]:
 
 # conf/config.yaml's `train:` in the tiny clone (module docstring)
 TINY_DATA_OVERRIDE = {"batch_size": 8, "bn_momentum": 0.9, "epochs": 30}
+# The clone's run is judged by the committed gates (validate.min_accuracy 0.93, min_class_f1
+# 0.75) on 40 test images, 2.5 points each. At the suite's usual noise (110) the tiny default
+# scored 0.95 with oneDNN and 0.90 (Sandal F1 0.57) with Eigen (TF_ENABLE_ONEDNN_OPTS=0): the
+# kernel library decided the gate. At 100 it scored 1.00 with both (0.985-0.99 on 200 images).
+README_NOISE = 100.0
 
 
 @pytest.fixture(scope="module")
-def clone(tmp_path_factory: pytest.TempPathFactory, idx_source: tuple[Path, dict[str, str]]) -> Clone:
+def clone(tmp_path_factory: pytest.TempPathFactory) -> Clone:
     """A user's clone after a small baseline run, committed and pushed to `origin`, with a DVC remote."""
     root = tmp_path_factory.mktemp("readme")
+    idx_source = (root / "idx", write_idx_dir(root / "idx", noise=README_NOISE))
     repo = make_project(root / "wardrobe", committed_params(*idx_source))
     config = yaml.safe_load((REPO / "conf/config.yaml").read_text())  # the user's edit of conf/:
     config["prepare"]["sources"], config["prepare"]["sha256"] = [str(idx_source[0])], idx_source[1]
@@ -433,7 +440,7 @@ def clone(tmp_path_factory: pytest.TempPathFactory, idx_source: tuple[Path, dict
     sh(repo, "git", "add", "-A")
     sh(repo, "git", "commit", "-qm", "baseline")
     sh(repo, "git", "push", "-q", "origin", "main")
-    x_test, y_test = synthetic_images(4, seed=2)
+    x_test, y_test = synthetic_images(TEST_PER_CLASS, seed=2, noise=README_NOISE)
     (root / "elsewhere").mkdir()
     return Clone(repo, origin, root / "elsewhere", {"test_rows": _user_images(repo, x_test, y_test)})
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import keras
+import numpy as np
 
 from stages.common import IMAGE_SHAPE, NUM_CLASSES
 from stages.layers import FusedBatchNormalization
@@ -62,3 +63,44 @@ def _conv_trunk(x: keras.KerasTensor, params: TrainParams) -> keras.KerasTensor:
     x = keras.layers.BatchNormalization(momentum=params.bn_momentum)(x)
     x = keras.layers.ReLU()(x)
     return keras.layers.Dropout(params.dropout, seed=params.seed + 1)(x)
+
+
+def initialize_convs(model: keras.Model, params: TrainParams, images: np.ndarray) -> None:
+    """The speed-run initialisations the recipe asks for, set on a freshly built cnn.
+
+    whiten_init: the first conv's first filters become the training images' 3×3 patch-whitening
+    filters and their negatives (so ReLU keeps both signs); identity_init: every conv after a
+    block's first starts as the identity (a block then begins as if it had one conv).
+    """
+    convs = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
+    if params.whiten_init and convs:
+        kernel = convs[0].kernel.numpy()
+        filters = whitening_filters(images)
+        count = min(kernel.shape[-1], filters.shape[-1])
+        kernel[..., :count] = filters[..., :count]
+        convs[0].kernel.assign(kernel)
+    if params.identity_init:
+        later = [index > 0 for convs_in_block in params.convs_per_block or () for index in range(convs_in_block)]
+        for layer, is_later in zip(convs, later, strict=True):
+            if is_later:  # same channels in and out: the block's first conv set them
+                layer.kernel.assign(identity_kernel(layer.kernel.shape[2], layer.kernel.shape[0]))
+
+
+def whitening_filters(images: np.ndarray, size: int = 3, epsilon: float = 5e-4) -> np.ndarray:
+    """size×size×1×(2·size²) conv filters that whiten the images' patches (eigenvectors of the
+    patch covariance over sqrt(eigenvalue + epsilon), largest first), then their negatives."""
+    sample = images[: min(len(images), 5000)].astype(np.float64)
+    patches = np.lib.stride_tricks.sliding_window_view(sample, (size, size), axis=(1, 2))
+    patches = patches.reshape(-1, size * size)
+    eigenvalues, eigenvectors = np.linalg.eigh(np.cov(patches, rowvar=False))
+    order = np.argsort(eigenvalues)[::-1]
+    scaled = eigenvectors[:, order] / np.sqrt(eigenvalues[order] + epsilon)
+    filters = np.concatenate([scaled, -scaled], axis=1).reshape(size, size, 1, -1)
+    return filters.astype(np.float32)
+
+
+def identity_kernel(channels: int, size: int) -> np.ndarray:
+    """A size×size conv kernel that maps each channel to itself (Dirac at the centre tap)."""
+    kernel = np.zeros((size, size, channels, channels), dtype=np.float32)
+    kernel[size // 2, size // 2] = np.eye(channels, dtype=np.float32)
+    return kernel

@@ -80,6 +80,10 @@ class TrainParams:
     # cnn only: dense = flatten → dropout → dense_units (BN, ReLU) → dropout → classes;
     # global_max = global max-pool → dropout → classes (no hidden layer; dense_units unused).
     head: Literal["dense", "global_max"] | None = field(default=None, metadata={"arch": "cnn"})
+    # cnn only: start the first conv's first filters as the training images' 3×3 patch-whitening
+    # filters (and their negatives); start every later conv of a block as the identity.
+    whiten_init: bool | None = field(default=None, metadata={"arch": "cnn"})
+    identity_init: bool | None = field(default=None, metadata={"arch": "cnn"})
     dense_units: int = field(metadata=POSITIVE)
     dropout: float = field(metadata=PROBABILITY)
     epochs: int = field(metadata=POSITIVE)

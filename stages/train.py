@@ -37,7 +37,7 @@ from stages.distribute import (
     writes_outputs,
 )
 from stages.environment import choose_precision, compute_device, environment_record
-from stages.model import build_model
+from stages.model import build_model, initialize_convs
 from stages.outputs import ENVIRONMENT_JSON, HISTORY_CSV, MODEL_PATH, PREPARED_DIR
 from stages.params import TrainParams, load_section
 
@@ -177,6 +177,8 @@ def fit(
     precision, _ = choose_precision(params.precision, compute_device())
     with strategy.scope(), dtype_policy(precision):
         model = build_model(params)
+        if params.arch == "cnn":
+            initialize_convs(model, params, train[0])
         compile_model(model, params, steps_per_epoch=math.ceil(len(train[0]) / global_batch))
     if uses_distribution(strategy):
         fix_keras_for_distribution(model, train_ds)

@@ -7,9 +7,9 @@ import keras
 import numpy as np
 import pytest
 
-from stages.model import build_model
+from stages.model import build_model, identity_kernel, initialize_convs, whitening_filters
 from stages.params import parse_params
-from tests.conftest import committed_params
+from tests.conftest import committed_params, synthetic_images
 
 
 @pytest.fixture
@@ -87,3 +87,38 @@ def test_fused_batch_norm_matches_keras_and_saves(tmp_path: Path) -> None:
     loaded = keras.models.load_model(tmp_path / "m.keras", safe_mode=True)
     assert type(loaded.layers[1]) is FusedBatchNormalization
     np.testing.assert_array_equal(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
+
+
+def test_whitening_filters_decorrelate_the_patches() -> None:
+    images = synthetic_images(12, seed=1)[0].astype(np.float32) / 255
+    filters = whitening_filters(images)
+    assert filters.shape == (3, 3, 1, 18) and filters.dtype == np.float32
+    np.testing.assert_array_equal(filters[..., 9:], -filters[..., :9])  # each filter's negative too
+    patches = np.lib.stride_tricks.sliding_window_view(images, (3, 3), axis=(1, 2)).reshape(-1, 9)
+    covariance = np.cov(patches @ filters.reshape(9, 18)[:, :9], rowvar=False)
+    off_diagonal = covariance - np.diag(np.diag(covariance))
+    assert np.abs(off_diagonal).max() < 0.01  # decorrelated
+    # unit variance, less where epsilon damps the smallest eigenvalues (noise has many)
+    assert np.diag(covariance).min() > 0.5 and np.diag(covariance).max() < 1.01
+
+
+def test_identity_kernel_passes_each_channel_through() -> None:
+    x = np.random.default_rng(3).random((2, 6, 6, 4), dtype=np.float32)
+    conv = keras.layers.Conv2D(4, 3, padding="same", use_bias=False)
+    conv.build(x.shape)
+    conv.kernel.assign(identity_kernel(4, 3))
+    np.testing.assert_array_equal(conv(x), x)
+
+
+def test_initialize_convs_sets_what_the_recipe_asks(idx_source: tuple[Path, dict[str, str]]) -> None:
+    overrides = ("train=cnn", "train.filters=[24,24]", "train.convs_per_block=[1,2]", "train.whiten_init=true")
+    params = parse_params(committed_params(*idx_source, *overrides, "train.identity_init=true")).train
+    images = synthetic_images(12, seed=1)[0].astype(np.float32) / 255
+    model = build_model(params)
+    first, second, third = (layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D))
+    untouched = first.kernel.numpy()[..., 18:]
+    initialize_convs(model, params, images)
+    np.testing.assert_array_equal(first.kernel.numpy()[..., :18], whitening_filters(images))
+    np.testing.assert_array_equal(first.kernel.numpy()[..., 18:], untouched)  # the rest keep their init
+    assert not np.array_equal(second.kernel.numpy(), identity_kernel(24, 3))  # a block's first: 24 → 24 too
+    np.testing.assert_array_equal(third.kernel.numpy(), identity_kernel(24, 3))

@@ -60,7 +60,9 @@ def test_pool_first_blocks_and_global_max_head(idx_source: tuple[Path, dict[str,
         "train.pool_first=true",
         "train.head=global_max",
     )
-    model = build_model(parse_params(committed_params(*idx_source, *overrides)).train)
+    no_dropout = build_model(parse_params(committed_params(*idx_source, *overrides, "train.dropout=0")).train)
+    assert not any(isinstance(layer, keras.layers.Dropout) for layer in no_dropout.layers)
+    model = build_model(parse_params(committed_params(*idx_source, *overrides, "train.dropout=0.2")).train)
     kinds = [type(layer).__name__ for layer in model.layers[2:]]
     block = ["Conv2D", "MaxPooling2D", "FusedBatchNormalization", "ReLU", "Conv2D", "FusedBatchNormalization", "ReLU"]
     assert kinds == [*block, *block, "GlobalMaxPooling2D", "Dropout", "Dense"]

@@ -408,8 +408,10 @@ TINY_DATA_OVERRIDE = {"batch_size": 8, "bn_momentum": 0.9, "epochs": 30}
 # The clone's run is judged by the committed gates (validate.min_accuracy 0.93, min_class_f1
 # 0.75) on 40 test images, 2.5 points each. At the suite's usual noise (110) the tiny default
 # scored 0.95 with oneDNN and 0.90 (Sandal F1 0.57) with Eigen (TF_ENABLE_ONEDNN_OPTS=0): the
-# kernel library decided the gate. At 100 it scored 1.00 with both (0.985-0.99 on 200 images).
-README_NOISE = 100.0
+# kernel library decided the gate. At 100 round 3's default scored 1.00 with both, but round 4's
+# (±1 px shifts, no dropout) 0.90 with oneDNN. At 90 it scores 1.00 with both (0.995-1.00 on 200
+# images; the tiny fit run outside DVC with TF_ENABLE_ONEDNN_OPTS=1 and =0), a margin to spare.
+README_NOISE = 90.0
 
 
 @pytest.fixture(scope="module")

@@ -129,12 +129,16 @@ def _exp_run_recipe(clone: Clone, command: Command) -> None:
     assert len(convs) == 6  # long: two convs in each of three blocks (the default has three)
     # The diff names each key the switch changed (and -S train.epochs=10 did not carry over):
     default = yaml.safe_load((clone.path / "conf/train/cnn.yaml").read_text())
-    shown = {key: str(value).replace("'", "") if isinstance(value, list) else value for key, value in long.items()}
-    assert _params_diff_main(clone) == {  # DVC prints lists as [1, 1, 1]
-        f"train.{key}": {"old": str(default[key]) if isinstance(default[key], list) else default[key], "new": new}
-        for key, new in shown.items()
-        if default[key] != long[key] and key not in TINY_DATA_OVERRIDE
+    assert _params_diff_main(clone) == {
+        f"train.{key}": {"old": _as_dvc_prints(default[key]), "new": _as_dvc_prints(value)}
+        for key, value in long.items()
+        if default[key] != value and key not in TINY_DATA_OVERRIDE
     }
+
+
+def _as_dvc_prints(value: object) -> object:
+    """A params value as `dvc params diff --json` shows it: lists as their text, [1, 1, 1]."""
+    return str(value).replace("'", "") if isinstance(value, list) else value
 
 
 def _exp_show(clone: Clone, command: Command) -> None:

@@ -1,5 +1,6 @@
-"""The project's own Keras layers, registered for loading: every reader of a model file imports
-this module (common.load_model), so a model that uses them loads in safe mode anywhere."""
+"""The project's own Keras objects, registered for loading: every reader of a model file imports
+this module (common.load_model), so a model that uses them (a layer, or in its compile config a
+schedule or an optimizer) loads in safe mode anywhere."""
 
 from __future__ import annotations
 
@@ -41,3 +42,60 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
         self.moving_mean.assign(self.moving_mean * self.momentum + mean * (1 - self.momentum))
         self.moving_variance.assign(self.moving_variance * self.momentum + variance * (1 - self.momentum))
         return outputs
+
+
+@keras.saving.register_keras_serializable(package="wardrobe")
+class WarmupLinearDecay(keras.optimizers.schedules.LearningRateSchedule):
+    """A straight line from 0 up to `peak` over `warmup_steps`, then straight down to 0 at
+    `total_steps` (the speed runs' one-cycle triangle; Keras has warm-up only on CosineDecay)."""
+
+    def __init__(self, peak: float, warmup_steps: int, total_steps: int) -> None:
+        self.peak, self.warmup_steps, self.total_steps = peak, warmup_steps, total_steps
+
+    def __call__(self, step):
+        step = keras.ops.cast(step, "float32")
+        rising = step / self.warmup_steps if self.warmup_steps else keras.ops.ones_like(step)
+        falling = (self.total_steps - step) / max(self.total_steps - self.warmup_steps, 1)
+        return self.peak * keras.ops.clip(keras.ops.minimum(rising, falling), 0.0, 1.0)
+
+    def get_config(self) -> dict:
+        return {"peak": self.peak, "warmup_steps": self.warmup_steps, "total_steps": self.total_steps}
+
+
+class _ScaledBatchNormBiasRate:
+    """Mixin for a Keras optimizer: BatchNorm biases (`beta`) step `bn_bias_lr_scale` times as far.
+
+    Keras' optimizers have one learning rate for all weights; the CIFAR-10 speed runs give the
+    BatchNorm biases 64× theirs. Only the optimizer's own step is scaled (AdamW's decoupled
+    weight decay keeps the common rate)."""
+
+    def __init__(self, *args, bn_bias_lr_scale: float = 1.0, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.bn_bias_lr_scale = bn_bias_lr_scale
+
+    def build(self, variables) -> None:
+        super().build(variables)
+        self._scaled_indices = {self._get_variable_index(v) for v in variables if v.name == "beta"}
+
+    def update_step(self, gradient, variable, learning_rate):
+        if self._get_variable_index(variable) in self._scaled_indices:
+            learning_rate = learning_rate * self.bn_bias_lr_scale
+        return super().update_step(gradient, variable, learning_rate)
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "bn_bias_lr_scale": self.bn_bias_lr_scale}
+
+
+@keras.saving.register_keras_serializable(package="wardrobe")
+class ScaledBiasAdam(_ScaledBatchNormBiasRate, keras.optimizers.Adam):
+    pass
+
+
+@keras.saving.register_keras_serializable(package="wardrobe")
+class ScaledBiasAdamW(_ScaledBatchNormBiasRate, keras.optimizers.AdamW):
+    pass
+
+
+@keras.saving.register_keras_serializable(package="wardrobe")
+class ScaledBiasSGD(_ScaledBatchNormBiasRate, keras.optimizers.SGD):
+    pass

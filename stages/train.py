@@ -37,6 +37,7 @@ from stages.distribute import (
     writes_outputs,
 )
 from stages.environment import choose_precision, compute_device, environment_record
+from stages.layers import ScaledBiasAdam, ScaledBiasAdamW, ScaledBiasSGD, WarmupLinearDecay
 from stages.model import build_model, initialize_convs
 from stages.outputs import ENVIRONMENT_JSON, HISTORY_CSV, MODEL_PATH, PREPARED_DIR
 from stages.params import TrainParams, load_section
@@ -55,21 +56,28 @@ def make_dataset(
     batch_size: int,
     shuffle_seed: int | None,
     one_hot: bool,
-    flip: bool = False,
+    flip: bool | str = False,
     shift: int = 0,
+    epoch: tf.Variable | None = None,
 ) -> tf.data.Dataset:
     """Batches of (images, labels); shuffles index batches, so the images are copied once, into TF.
 
     Shuffling indices and gathering a batch at a time keeps the shuffle buffer tiny (one int
     per image) instead of a second copy of the 170 MB training array. `flip` and `shift`
     augment each batch (augment_batch) with random numbers drawn from the seeded
-    `Dataset.random`, new in each epoch and the same in every run.
+    `Dataset.random`, new in each epoch and the same in every run. `flip="alternate"` mirrors a
+    fixed seeded half of the images when `epoch` (a variable fit sets at each epoch's start; the
+    iterator is made after it) is even, the other half when it is odd.
     """
     images, labels = tf.constant(x), tf.constant(y)
     indices = tf.data.Dataset.range(len(x))
     if shuffle_seed is not None:
         indices = indices.shuffle(len(x), seed=shuffle_seed, reshuffle_each_iteration=True)
     augment = flip or shift
+    if flip == "alternate":
+        if epoch is None:
+            raise ValueError("flip='alternate' needs the epoch variable")
+        first_half = tf.constant(np.random.default_rng(shuffle_seed).random(len(x)) < 0.5)
     if augment:
         seed = 0 if shuffle_seed is None else shuffle_seed
         randoms = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
@@ -83,7 +91,11 @@ def make_dataset(
             batch_labels = tf.one_hot(batch_labels, NUM_CLASSES)
         batch_images = tf.gather(images, idx)
         if augment:
-            batch_images = augment_batch(batch_images, random, flip, shift)
+            mirrored = None
+            if flip == "alternate":
+                odd = tf.equal(epoch % 2, 1)
+                mirrored = tf.not_equal(tf.gather(first_half, idx), odd)
+            batch_images = augment_batch(batch_images, random, bool(flip), shift, mirrored)
         return batch_images, batch_labels
 
     # Several workers each take their share of every batch (DATA); the default (AUTO) would
@@ -94,13 +106,17 @@ def make_dataset(
     return batches.map(gather).prefetch(tf.data.AUTOTUNE).with_options(options)
 
 
-def augment_batch(images: tf.Tensor, seed: tf.Tensor, flip: bool, shift: int) -> tf.Tensor:
-    """N×H×W images, a random half mirrored left-right and each moved by whole pixels in
-    -shift..shift per axis (zero fill: the background is 0), in a few whole-batch ops."""
+def augment_batch(
+    images: tf.Tensor, seed: tf.Tensor, flip: bool, shift: int, mirrored: tf.Tensor | None = None
+) -> tf.Tensor:
+    """N×H×W images, a random half (or those `mirrored` says) mirrored left-right and each moved
+    by whole pixels in -shift..shift per axis (zero fill: the background is 0), in a few
+    whole-batch ops."""
     count, height, width = tf.shape(images)[0], images.shape[1], images.shape[2]
     flip_seed, row_seed, col_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
     if flip:
-        mirrored = tf.random.stateless_uniform([count], flip_seed) < 0.5
+        if mirrored is None:
+            mirrored = tf.random.stateless_uniform([count], flip_seed) < 0.5
         images = tf.where(mirrored[:, None, None], images[:, :, ::-1], images)
     if shift:
         padded = tf.pad(images, [[0, 0], [shift, shift], [shift, shift]])
@@ -126,6 +142,8 @@ def learning_rate(params: TrainParams, steps_per_epoch: int) -> float | keras.op
         return params.learning_rate
     total = params.epochs * steps_per_epoch
     warmup = min(int(params.warmup_epochs * steps_per_epoch), total - 1)
+    if params.lr_schedule == "linear":
+        return WarmupLinearDecay(params.learning_rate, warmup, total)
     if warmup == 0:
         return keras.optimizers.schedules.CosineDecay(params.learning_rate, decay_steps=total)
     return keras.optimizers.schedules.CosineDecay(
@@ -135,13 +153,21 @@ def learning_rate(params: TrainParams, steps_per_epoch: int) -> float | keras.op
 
 def compile_model(model: keras.Model, params: TrainParams, steps_per_epoch: int) -> None:
     lr = learning_rate(params, steps_per_epoch)
-    ema = {"use_ema": True, "ema_momentum": params.ema_momentum} if params.ema_momentum else {}
+    options = {"use_ema": True, "ema_momentum": params.ema_momentum} if params.ema_momentum else {}
+    # Keras' own classes unless the BatchNorm biases get their own rate (a model file's compile
+    # config names the class, so the default's file does not depend on this project's).
+    scaled = params.bn_bias_lr_scale not in (None, 1.0)
+    if scaled:
+        options["bn_bias_lr_scale"] = params.bn_bias_lr_scale
     if params.optimizer == "adamw":
-        optimizer = keras.optimizers.AdamW(lr, weight_decay=params.weight_decay, **ema)
+        adamw = ScaledBiasAdamW if scaled else keras.optimizers.AdamW
+        optimizer = adamw(lr, weight_decay=params.weight_decay, **options)
     elif params.optimizer == "sgd_nesterov":
-        optimizer = keras.optimizers.SGD(lr, momentum=0.9, nesterov=True, weight_decay=params.weight_decay, **ema)
+        optimizer = (ScaledBiasSGD if scaled else keras.optimizers.SGD)(
+            lr, momentum=0.9, nesterov=True, weight_decay=params.weight_decay, **options
+        )
     else:
-        optimizer = keras.optimizers.Adam(lr, **ema)
+        optimizer = (ScaledBiasAdam if scaled else keras.optimizers.Adam)(lr, **options)
     # Keras' sparse loss has no label smoothing; the dense one needs one-hot labels (make_dataset).
     if params.label_smoothing:
         loss = keras.losses.CategoricalCrossentropy(label_smoothing=params.label_smoothing)
@@ -168,8 +194,9 @@ def fit(
     replicas = strategy.num_replicas_in_sync
     global_batch = params.batch_size * replicas
     one_hot = params.label_smoothing > 0
+    epoch = tf.Variable(0, dtype=tf.int64, trainable=False) if params.augment_flip == "alternate" else None
     train_ds = make_dataset(
-        *train, global_batch, params.seed, one_hot, flip=params.augment_flip, shift=params.augment_shift
+        *train, global_batch, params.seed, one_hot, flip=params.augment_flip, shift=params.augment_shift, epoch=epoch
     )
     val_ds = make_dataset(*val, global_batch, shuffle_seed=None, one_hot=one_hot)
     if replicas > 1:
@@ -183,6 +210,8 @@ def fit(
     if uses_distribution(strategy):
         fix_keras_for_distribution(model, train_ds)
     callbacks = [EpochFromOneCSVLogger(str(history_csv)), keras.callbacks.TerminateOnNaN()]
+    if epoch is not None:
+        callbacks.append(keras.callbacks.LambdaCallback(on_epoch_begin=lambda number, logs=None: epoch.assign(number)))
     if params.early_stopping_patience:
         callbacks.append(
             keras.callbacks.EarlyStopping(
@@ -261,7 +290,7 @@ def main() -> None:
         atomic_path(ENVIRONMENT_JSON) as environment_tmp,
     ):
         model = fit(params, train, val, history_tmp, verbose=2, strategy=strategy)
-        save_model(model, model_tmp, decide_flip_tta(params.augment_flip, params.tta_flip), params.tta_shift)
+        save_model(model, model_tmp, decide_flip_tta(bool(params.augment_flip), params.tta_flip), params.tta_shift)
         record = environment_record(device, precision, reason, strategy.num_replicas_in_sync)
         environment_tmp.write_text(json.dumps(record, indent=2) + "\n")
     print(f"train: wrote {MODEL_PATH}, {HISTORY_CSV} and {ENVIRONMENT_JSON}")

@@ -99,7 +99,9 @@ def _set(d: dict, dotted: str, value: object) -> None:
         ("train.epochs", "5", r"train\.epochs: expected int, got str"),
         ("train.epochs", True, r"train\.epochs: expected int, got bool"),
         ("train.epochs", 2.5, r"train\.epochs: expected int, got float"),
-        ("train.augment_flip", 1, r"train\.augment_flip: expected bool, got int"),
+        ("train.augment_flip", 1, r"train\.augment_flip: expected bool or 'alternate', got 1"),
+        ("train.augment_flip", "sometimes", r"train\.augment_flip: expected bool or 'alternate', got 'sometimes'"),
+        ("train.lr_schedule", "onecycle", r"train\.lr_schedule: 'onecycle' is not one of \[.*'linear'\]"),
         ("train.epochs", 0, r"train\.epochs: must be > 0, got 0"),
         ("train.learning_rate", -0.1, r"train\.learning_rate: must be > 0"),
         ("train.dropout", 1.0, r"train\.dropout: must be in \[0, 1\)"),
@@ -127,6 +129,7 @@ def test_invalid_params_name_the_key(params_dict: dict, key: str, value: object,
         ("train.filters", 32, r"train\.filters: expected a list"),
         ("train.filters", None, r"train\.filters: expected a list, got NoneType"),
         ("train.convs_per_block", [1, 2], r"train\.convs_per_block: needs one entry per filters entry \(3\), got 2"),
+        ("train.bn_bias_lr_scale", 0.0, r"train\.bn_bias_lr_scale: must be > 0, got 0.0"),
     ],
 )
 def test_invalid_cnn_params_name_the_key(

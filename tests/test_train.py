@@ -79,6 +79,59 @@ def test_augmented_dataset_changes_each_epoch_and_repeats_each_run() -> None:
         np.testing.assert_array_equal(run, again)
 
 
+def test_alternating_flips_mirror_each_image_every_other_epoch() -> None:
+    x = np.random.default_rng(0).random((16, 28, 28), dtype=np.float32)
+    y = np.arange(16, dtype=np.uint8)
+    epoch = tf.Variable(0, dtype=tf.int64)
+    dataset = make_dataset(x, y, 16, 5, False, flip="alternate", epoch=epoch)
+
+    def mirrored_in_epoch(number: int) -> dict[int, bool]:
+        epoch.assign(number)
+        images, labels = next(dataset.as_numpy_iterator())
+        pairs = list(zip(images, labels, strict=True))
+        assert all(np.array_equal(i, x[n]) or np.array_equal(i, x[n][:, ::-1]) for i, n in pairs)
+        return {int(n): not np.array_equal(i, x[n]) for i, n in pairs}
+
+    even, odd, even_again = mirrored_in_epoch(0), mirrored_in_epoch(1), mirrored_in_epoch(2)
+    assert all(odd[n] != even[n] for n in range(16)) and even_again == even
+    assert 4 <= sum(even.values()) <= 12  # a random half, not all or none
+    with pytest.raises(ValueError, match="needs the epoch variable"):
+        make_dataset(x, y, 16, 5, False, flip="alternate")
+
+
+def test_linear_schedule_rises_then_falls_to_zero() -> None:
+    from stages.layers import WarmupLinearDecay
+
+    schedule = WarmupLinearDecay(0.01, warmup_steps=10, total_steps=110)
+    values = [float(schedule(step)) for step in (0, 5, 10, 60, 110, 200)]
+    np.testing.assert_allclose(values, [0.0, 0.005, 0.01, 0.005, 0.0, 0.0], atol=1e-9)
+    assert float(WarmupLinearDecay(0.01, 0, 100)(0)) == pytest.approx(0.01)  # no warm-up: starts at the peak
+    again = keras.optimizers.schedules.deserialize(keras.optimizers.schedules.serialize(schedule))
+    assert float(again(60)) == pytest.approx(0.005)
+
+
+def test_batchnorm_bias_rate_scales_only_the_biases_step() -> None:
+    from stages.layers import ScaledBiasAdamW
+
+    def one_step(optimizer: keras.optimizers.Optimizer) -> list[np.ndarray]:
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3), keras.layers.BatchNormalization()])
+        before = [w.copy() for w in model.get_weights()]
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(model(np.ones((2, 4), np.float32), training=True) * [1.0, -2.0, 3.0])
+        variables = model.trainable_variables
+        optimizer.apply(tape.gradient(loss, variables), variables)
+        return [after - start for after, start in zip(model.get_weights(), before, strict=True)]
+
+    plain = one_step(keras.optimizers.AdamW(0.001, weight_decay=0.0))
+    scaled = one_step(ScaledBiasAdamW(0.001, weight_decay=0.0, bn_bias_lr_scale=64.0))
+    # weights: kernel, bias, gamma, beta, moving mean, moving variance
+    np.testing.assert_allclose(scaled[3], 64 * plain[3], rtol=1e-5)
+    assert np.abs(plain[3]).min() > 0
+    for index in (0, 1, 2):
+        np.testing.assert_array_equal(scaled[index], plain[index])
+
+
 def test_fit_writes_history_from_epoch_one(tmp_path: Path, data, params) -> None:
     history_csv = tmp_path / "history.csv"
     model = fit(params, *data, history_csv, verbose=0)
@@ -123,8 +176,22 @@ def test_fit_writes_history_from_epoch_one(tmp_path: Path, data, params) -> None
             "augment_shift": 1,
             "precision": "float32",
         },
+        {  # the project's own schedule and optimizer in the compile config: they load in safe mode
+            "arch": "cnn",
+            "filters": (4, 8),
+            "convs_per_block": (1, 1),
+            "bn_momentum": 0.9,
+            "pool_first": True,
+            "head": "dense",
+            "dense_units": 8,
+            "optimizer": "adamw",
+            "lr_schedule": "linear",
+            "bn_bias_lr_scale": 64.0,
+            "augment_flip": "alternate",
+            "precision": "float32",
+        },
     ],
-    ids=["mlp", "cnn-all-options", "cnn-speedrun-options"],
+    ids=["mlp", "cnn-all-options", "cnn-speedrun-options", "cnn-alternate-linear-bias-rate"],
 )
 def test_fit_is_deterministic(tmp_path: Path, data, params, overrides: dict) -> None:
     enable_determinism()  # what `python -m stages.train` does (one-way, for the rest of this process)

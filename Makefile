@@ -45,21 +45,22 @@ venv-serve: venv
 lock: venv
 	UPGRADE=$(UPGRADE) .ci/lock
 
-# Best effort and never fatal: on Debian/Ubuntu as root, install the dataset package if missing;
+# Best effort and never fatal (.ci/apt-install: retries, waits for dpkg's lock, shows apt's error):
+# on Debian/Ubuntu as root, install the dataset package if missing;
 # otherwise prepare falls back to the HTTPS mirrors listed in params.yaml.
 dataset:
 	@if [ ! -e $(DATASET_DIR)/train-images-idx3-ubyte.gz ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		echo "installing Debian package dataset-fashion-mnist (best effort)"; \
-		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist) >/dev/null 2>&1 \
-			|| echo "dataset-fashion-mnist not installed; prepare will try the mirrors"; \
+		.ci/apt-install dataset-fashion-mnist; \
+		test -e $(DATASET_DIR)/train-images-idx3-ubyte.gz || echo "dataset-fashion-mnist not installed; prepare will try the mirrors"; \
 	fi
 
 # Debian's chromium, for the test that opens `dvc plots show` pages offline (same best effort).
 browser:
 	@if ! command -v chromium >/dev/null && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		echo "installing Debian package chromium (best effort)"; \
-		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null 2>&1 \
-			|| echo "chromium not installed; the offline plots test will be skipped"; \
+		.ci/apt-install chromium; \
+		command -v chromium >/dev/null || echo "chromium not installed; the offline plots test will be skipped"; \
 	fi
 
 # params.yaml from conf/ (Hydra), as `dvc exp run` composes it, without running anything.

@@ -45,7 +45,16 @@ PARITY_TOP1 = 0.9995  # share of test images whose top-1 class must equal the Ke
 PARITY_ATOL = 1e-4  # largest allowed difference of any probability
 SERVING_VERSION = "1"  # TF Serving loads the highest numbered folder under its model base path
 INPUT_NAME, OUTPUT_NAME = "image", "probabilities"
-PARITY_BATCH = 250  # images per call; × the views inside the graph: 2,500 through the model at once (~1 GB)
+PARITY_BATCH = 250  # images per call of the Keras model, which runs the views one after another
+# The exported graphs run all views of a call at once: images per call × views go through the model
+# together. 500 keeps export's peak RSS near 1 GB at any view count (with 250 images × 10 views,
+# a `tta_shift: 1` model's export peaked at 2.0 GB, BENCHMARKS.md round 6); 2 views → 250 images.
+GRAPH_IMAGES_AT_ONCE = 500
+
+
+def graph_batch(views: int) -> int:
+    """Images per call of an exported graph that computes `views` views of each image at once."""
+    return max(1, GRAPH_IMAGES_AT_ONCE // views)
 
 
 class TestTimeViews(keras.layers.Layer):
@@ -108,14 +117,14 @@ def name_batch_dimension(path: Path) -> int:
     return next(op.version for op in graph_model.opset_import if op.domain in ("", "ai.onnx"))
 
 
-def saved_model_probs(directory: Path, x: np.ndarray) -> np.ndarray:
+def saved_model_probs(directory: Path, x: np.ndarray, batch_size: int) -> np.ndarray:
     """What TF Serving computes: the `serving_default` signature of the SavedModel in `directory`."""
     import tensorflow as tf
 
     signature = tf.saved_model.load(str(directory)).signatures["serving_default"]
     batches = [
-        signature(**{INPUT_NAME: tf.constant(x[i : i + PARITY_BATCH])})[OUTPUT_NAME].numpy()
-        for i in range(0, len(x), PARITY_BATCH)
+        signature(**{INPUT_NAME: tf.constant(x[i : i + batch_size])})[OUTPUT_NAME].numpy()
+        for i in range(0, len(x), batch_size)
     ]
     return np.concatenate(batches)
 
@@ -160,9 +169,10 @@ def main() -> None:
     x_test, y_test = load_split(PREPARED_DIR, "test")
     model = serving_model(classifier)
     reference = classifier.predict_proba(x_test, PARITY_BATCH)
+    views = len(tta_views(classifier.flip_tta, classifier.tta_shift))
     report: dict[str, object] = {
         "test_images": len(x_test),
-        "tta_views": len(tta_views(classifier.flip_tta, classifier.tta_shift)),
+        "tta_views": views,
         "keras_accuracy": round(float(np.mean(reference.argmax(axis=1) == y_test)), 6),
     }
     # All three are written beside their targets and replace them only once both formats passed.
@@ -177,8 +187,8 @@ def main() -> None:
             model.export(str(onnx_tmp), format="onnx", verbose=False)
         opset = name_batch_dimension(onnx_tmp)
         candidates = {
-            "saved_model": saved_model_probs(saved_tmp / SERVING_VERSION, x_test),
-            "onnx": load_onnx_classifier(onnx_tmp).predict_proba(x_test, PARITY_BATCH),
+            "saved_model": saved_model_probs(saved_tmp / SERVING_VERSION, x_test, graph_batch(views)),
+            "onnx": load_onnx_classifier(onnx_tmp).predict_proba(x_test, graph_batch(views)),
         }
         for name, probs in candidates.items():
             stats = parity(reference, probs)

@@ -64,6 +64,16 @@ def test_the_views_inside_the_graph_are_exactly_the_numpy_views() -> None:
     np.testing.assert_array_equal(got, np.stack(want))
 
 
+@pytest.mark.parametrize(
+    ("views", "images"),
+    [(1, 500), (2, 250), (10, 50), (501, 1)],  # 2 views: 250 images a call, as before round 6
+)
+def test_parity_batches_keep_the_images_through_an_exported_graph_bounded(views: int, images: int) -> None:
+    from stages.export import graph_batch
+
+    assert graph_batch(views) == images
+
+
 def test_a_bfloat16_model_is_refused_in_one_line_before_anything_is_exported() -> None:
     import keras
 

@@ -102,17 +102,21 @@ bench: venv dataset
 BASE ?= HEAD
 ci: venv dataset ci-steps
 
-# The report comes first so it is written (with the gate's verdict) even when validate fails.
+# The gate runs once: validate writes its verdict (one problem per line, empty when it passed),
+# the report states it, and the step fails with validate's status, so the report is written
+# even when the gate fails.
+VERDICT := validation.txt
 ci-steps:
 	dvc repro
-	python -m stages.report --base $(BASE)
-	python -m stages.validate --against $(BASE)
+	python -m stages.validate --against $(BASE) --verdict $(VERDICT); gate=$$?; \
+	python -m stages.report --base $(BASE) --gate $(VERDICT) && exit $$gate
 
 validate: venv
 	$(PY) -m stages.validate
 
 report: venv
-	python -m stages.report --base $(BASE)
+	python -m stages.validate --against $(BASE) --verdict $(VERDICT); \
+	python -m stages.report --base $(BASE) --gate $(VERDICT)
 
 # Register a model version the way GTO does: an annotated tag <artifact>@vX.Y.Z, which is how
 # `dvc artifacts get` finds versions. Push the tag (and `dvc push` the model) to publish it.
@@ -124,4 +128,4 @@ release:
 	@echo "tagged $(foreach a,$(ARTIFACTS),$(a)@v$(VERSION)); publish with: git push origin --tags && dvc push"
 
 clean:
-	rm -rf $(VENV) $(SERVE_VENV) dvc_plots report.md report_images .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(SERVE_VENV) dvc_plots report.md report_images $(VERDICT) .pytest_cache .ruff_cache

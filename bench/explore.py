@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.common import enable_determinism, load_split, predict_proba
+from stages.common import enable_determinism, load_split
+from stages.modelfile import Views, predict_proba
 from stages.outputs import PREPARED_DIR
 from stages.params import TrainParams, load_section
 from stages.train import fit
@@ -33,7 +34,8 @@ def run_variant(base: TrainParams, overrides: dict, data: dict) -> dict:
     for suffix, flip, shift in (("", False, 0), ("_tta", True, 0), ("_tta10", True, 1)):
         for split in ("val", "test"):
             x, y = data[split]
-            result[f"{split}_acc{suffix}"] = float(np.mean(predict_proba(model, x, 1024, flip, shift).argmax(1) == y))
+            probs = predict_proba(model, x, 1024, Views(flip, shift))
+            result[f"{split}_acc{suffix}"] = float(np.mean(probs.argmax(1) == y))
     result["history"] = history
     return result
 

@@ -15,15 +15,13 @@ import stages  # noqa: F401  (quiets TensorFlow's banner like the pipeline does)
 
 
 def load_data(directory: Path):
+    from stages.params import IDX_SETS
     from stages.prepare import decompress, parse_idx
 
     def read(name: str):
         return parse_idx(decompress((directory / f"{name}.gz").read_bytes()), name)
 
-    return (
-        (read("train-images-idx3-ubyte"), read("train-labels-idx1-ubyte")),
-        (read("t10k-images-idx3-ubyte"), read("t10k-labels-idx1-ubyte")),
-    )
+    return tuple((read(images), read(labels)) for images, labels in IDX_SETS.values())
 
 
 def main() -> None:

@@ -101,9 +101,9 @@ PREDICT_SPEED = """
 import sys, time
 import numpy as np
 from pathlib import Path
-from stages.common import load_classifier
+from stages.modelfile import load_keras_classifier
 from stages.predict import Item, predict
-model = load_classifier(Path(sys.argv[1]))
+model = load_keras_classifier(Path(sys.argv[1]))
 x = np.load(sys.argv[2])
 items = [Item(str(i), image) for i, image in enumerate(x)]
 predict(model, items[:256], 256)  # warm-up (graph tracing)

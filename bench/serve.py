@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from stages.common import load_classifier, load_split
+from stages.common import load_split
+from stages.modelfile import load_keras_classifier, load_onnx_classifier
 from stages.outputs import MODEL_PATH, ONNX_PATH, PREPARED_DIR
-from stages.predict import load_onnx_classifier
 
 SERVE_VENV = Path(".venv-serve")
 BATCH = 1000
@@ -85,7 +85,7 @@ def main() -> None:
             ),
         }
     classes = {answer.split(": ", 1)[1].split(" (")[0] for _, _, answer in starts.values()}
-    keras_classifier = load_classifier(MODEL_PATH)
+    keras_classifier = load_keras_classifier(MODEL_PATH)
     onnx_classifier = load_onnx_classifier(ONNX_PATH)
     rates = {
         "keras": throughput(lambda x: keras_classifier.predict_proba(x, BATCH), x_test),

@@ -1,4 +1,4 @@
-"""wardrobe: a reproducible Fashion-MNIST pipeline (prepare -> train -> evaluate) under DVC.
+"""wardrobe: a reproducible Fashion-MNIST pipeline (prepare → train → evaluate → export → card) under DVC.
 
 Two settings that must be in place before TensorFlow loads (importing keras imports TensorFlow),
 so they live here, where every `python -m stages.X` starts:

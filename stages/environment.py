@@ -7,6 +7,8 @@ import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from stages.outputs import ENVIRONMENT_KEYS
+
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # native bfloat16 multiplies (Zen 4, Sapphire Rapids)
 
 
@@ -81,15 +83,16 @@ def environment_record(device: Device, precision: str, reason: str, replicas: in
     import numpy as np
     import tensorflow as tf
 
-    return {
-        "python": platform.python_version(),
-        "tensorflow": tf.__version__,
-        "keras": keras.__version__,
-        "numpy": np.__version__,
-        "device": device.kind,
-        "device_name": device.name,
-        "kernels": cpu_kernels(),
-        "replicas": replicas,
-        "precision": precision,
-        "precision_reason": reason,
-    }
+    values = (
+        platform.python_version(),
+        tf.__version__,
+        keras.__version__,
+        np.__version__,
+        device.kind,
+        device.name,
+        cpu_kernels(),
+        replicas,
+        precision,
+        reason,
+    )
+    return dict(zip(ENVIRONMENT_KEYS, values, strict=True))

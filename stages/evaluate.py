@@ -4,23 +4,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only, no display; must precede pyplot
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+
+# The Figure API, not pyplot: no backend to choose (pyplot's would be process-wide state), files only.
+from matplotlib.figure import Figure
 
 from stages.common import (
     CLASS_NAMES,
     NUM_CLASSES,
-    WardrobeError,
     atomic_path,
-    load_classifier,
     load_split,
+    read_csv,
     run_main,
     write_json_atomic,
 )
+from stages.modelfile import load_keras_classifier
 from stages.outputs import (
     CONFUSION_CSV,
     CONFUSION_PNG,
@@ -53,15 +52,15 @@ def write_csv(frame: pd.DataFrame, path: Path) -> None:
         frame.to_csv(tmp, index=False, float_format=f"%.{DIGITS}f")
 
 
-def _save_figure(fig: plt.Figure, path: Path) -> None:
+def _save_figure(fig: Figure, path: Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
 
 
 def plot_training_curves(history: pd.DataFrame, path: Path) -> None:
     """Accuracy and loss, train vs val, per epoch: the original script's two panels."""
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig = Figure(figsize=(10, 4))
+    axes = fig.subplots(1, 2)
     for ax, metric in zip(axes, ("accuracy", "loss"), strict=True):
         ax.plot(history["epoch"], history[metric], marker="o", label=f"train {metric}")
         ax.plot(history["epoch"], history[f"val_{metric}"], marker="o", label=f"val {metric}")
@@ -75,7 +74,8 @@ def plot_training_curves(history: pd.DataFrame, path: Path) -> None:
 def plot_confusion_matrix(cm: np.ndarray, path: Path) -> None:
     """Row-normalized (recall per class) heatmap with the share printed in each cell."""
     shares = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
-    fig, ax = plt.subplots(figsize=(8, 7))
+    fig = Figure(figsize=(8, 7))
+    ax = fig.subplots()
     image = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
     ax.set_xticks(range(NUM_CLASSES), CLASS_NAMES, rotation=45, ha="right")
     ax.set_yticks(range(NUM_CLASSES), CLASS_NAMES)
@@ -99,7 +99,8 @@ def plot_confusion_matrix(cm: np.ndarray, path: Path) -> None:
 def plot_predictions(x: np.ndarray, y_true: np.ndarray, y_pred: np.ndarray, grid: int, path: Path) -> None:
     """The first grid×grid test images with predicted (true) labels; mistakes in red."""
     count = min(grid * grid, len(x))
-    fig, axes = plt.subplots(grid, grid, figsize=(1.6 * grid, 1.8 * grid), squeeze=False)
+    fig = Figure(figsize=(1.6 * grid, 1.8 * grid))
+    axes = fig.subplots(grid, grid, squeeze=False)
     for k, ax in enumerate(axes.flat):
         ax.axis("off")
         if k >= count:
@@ -117,16 +118,13 @@ def plot_predictions(x: np.ndarray, y_true: np.ndarray, y_pred: np.ndarray, grid
 
 def main() -> None:
     params = load_section(EvaluateParams)
-    classifier = load_classifier(MODEL_PATH)
+    classifier = load_keras_classifier(MODEL_PATH)
     x_test, y_test = load_split(PREPARED_DIR, "test")
     x_val, y_val = load_split(PREPARED_DIR, "val")
     test_probs = classifier.predict_proba(x_test, params.batch_size)
     val_probs = classifier.predict_proba(x_val, params.batch_size)
     y_pred = test_probs.argmax(axis=1)
-    try:
-        history = pd.read_csv(HISTORY_CSV)
-    except (OSError, pd.errors.ParserError) as exc:
-        raise WardrobeError(f"{HISTORY_CSV}: cannot read training history: {exc}") from exc
+    history = read_csv(HISTORY_CSV)
 
     metrics = compute_metrics(Predictions(test_probs, y_test, val_probs, y_val))
     cm = confusion_matrix(y_test, y_pred)

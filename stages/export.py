@@ -15,36 +15,31 @@ keeps the measured numbers). Otherwise the stage fails in one line and the previ
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
-import tempfile
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import keras
 import numpy as np
 
-from stages.common import (
-    IMAGE_SHAPE,
-    NUM_CLASSES,
-    Classifier,
-    WardrobeError,
-    atomic_path,
-    load_classifier,
-    load_split,
-    run_main,
-    tta_views,
+from stages.common import IMAGE_SHAPE, NUM_CLASSES, WardrobeError, atomic_dir, atomic_path, load_split, run_main
+from stages.layers import TestTimeViews
+from stages.modelfile import KerasClassifier, load_keras_classifier, load_onnx_classifier
+from stages.outputs import (
+    DIGITS,
+    EXPORT_JSON,
+    MODEL_PATH,
+    ONNX_PATH,
+    PARITY_ATOL,
+    PARITY_TOP1,
+    PREPARED_DIR,
+    SAVED_MODEL_DIR,
+    SERVING_INPUT,
+    SERVING_OUTPUT,
+    SERVING_VERSION,
+    accuracy,
 )
-from stages.outputs import EXPORT_JSON, MODEL_PATH, ONNX_PATH, PREPARED_DIR, SAVED_MODEL_DIR
-from stages.predict import load_onnx_classifier
 
-PARITY_TOP1 = 0.9995  # share of test images whose top-1 class must equal the Keras model's
-PARITY_ATOL = 1e-4  # largest allowed difference of any probability
-SERVING_VERSION = "1"  # TF Serving loads the highest numbered folder under its model base path
-INPUT_NAME, OUTPUT_NAME = "image", "probabilities"
 PARITY_BATCH = 250  # images per call of the Keras model, which runs the views one after another
 # The exported graphs run all views of a call at once: images per call × views go through the model
 # together. 500 keeps export's peak RSS near 1 GB at any view count (with 250 images × 10 views,
@@ -57,35 +52,14 @@ def graph_batch(views: int) -> int:
     return max(1, GRAPH_IMAGES_AT_ONCE // views)
 
 
-class TestTimeViews(keras.layers.Layer):
-    """N×28×28 images → V×N×28×28: the views of common.tta_views, as graph ops.
-
-    A shifted view is the zero-padded image cropped back to 28×28, exactly common.shifted.
-    """
-
-    def __init__(self, views: list[tuple[int, int, bool]], **kwargs: object) -> None:
-        super().__init__(**kwargs)
-        self.views = views
-
-    def call(self, images: keras.KerasTensor) -> keras.KerasTensor:
-        height, width = IMAGE_SHAPE
-        pad = max([abs(d) for dy, dx, _ in self.views for d in (dy, dx)] + [0])
-        padded = keras.ops.pad(images, [[0, 0], [pad, pad], [pad, pad]]) if pad else images
-        stacked = []
-        for dy, dx, mirror in self.views:
-            view = padded[:, pad - dy : pad - dy + height, pad - dx : pad - dx + width]
-            stacked.append(keras.ops.flip(view, axis=2) if mirror else view)
-        return keras.ops.stack(stacked, axis=0)
-
-
-def serving_model(classifier: Classifier) -> keras.Model:
+def serving_model(classifier: KerasClassifier) -> keras.Model:
     """One graph: the views, the trained model on all of them at once, their mean probabilities."""
-    views = tta_views(classifier.flip_tta, classifier.tta_shift)
-    images = keras.Input(IMAGE_SHAPE, name=INPUT_NAME, dtype="float32")
+    views = classifier.views.offsets()
+    images = keras.Input(IMAGE_SHAPE, name=SERVING_INPUT, dtype="float32")
     stacked = TestTimeViews(views)(images)
     probs = classifier.model(keras.ops.reshape(stacked, (-1, *IMAGE_SHAPE)), training=False)
     mean = keras.ops.mean(keras.ops.reshape(probs, (len(views), -1, NUM_CLASSES)), axis=0)
-    return keras.Model(images, {OUTPUT_NAME: mean}, name="serving")
+    return keras.Model(images, {SERVING_OUTPUT: mean}, name="serving")
 
 
 def parity(reference: np.ndarray, probs: np.ndarray) -> dict[str, float]:
@@ -123,33 +97,10 @@ def saved_model_probs(directory: Path, x: np.ndarray, batch_size: int) -> np.nda
 
     signature = tf.saved_model.load(str(directory)).signatures["serving_default"]
     batches = [
-        signature(**{INPUT_NAME: tf.constant(x[i : i + batch_size])})[OUTPUT_NAME].numpy()
+        signature(**{SERVING_INPUT: tf.constant(x[i : i + batch_size])})[SERVING_OUTPUT].numpy()
         for i in range(0, len(x), batch_size)
     ]
     return np.concatenate(batches)
-
-
-@contextlib.contextmanager
-def atomic_dir(target: Path) -> Iterator[Path]:
-    """Yield an empty temp folder beside `target`; on success it replaces `target` whole.
-
-    The swap is two renames (the old folder aside, the new one in), then the old one is removed;
-    a failure before it leaves `target` as it was.
-    """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    for stale in target.parent.glob(f".{target.name}.*.tmp"):  # left by a killed run
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
-    tmp.chmod(0o755)
-    try:
-        yield tmp
-        old = target.with_name(f".{target.name}.old.tmp")
-        if target.exists():
-            os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def check_float32(model: keras.Model, path: Path) -> None:
@@ -164,16 +115,17 @@ def check_float32(model: keras.Model, path: Path) -> None:
 
 
 def main() -> None:
-    classifier = load_classifier(MODEL_PATH)
+    classifier = load_keras_classifier(MODEL_PATH)
     check_float32(classifier.model, MODEL_PATH)
     x_test, y_test = load_split(PREPARED_DIR, "test")
     model = serving_model(classifier)
     reference = classifier.predict_proba(x_test, PARITY_BATCH)
-    views = len(tta_views(classifier.flip_tta, classifier.tta_shift))
+    views = len(classifier.views)
+    graph_images = graph_batch(views)
     report: dict[str, object] = {
         "test_images": len(x_test),
         "tta_views": views,
-        "keras_accuracy": round(float(np.mean(reference.argmax(axis=1) == y_test)), 6),
+        "keras_accuracy": round(accuracy(reference, y_test), DIGITS),
     }
     # All three are written beside their targets and replace them only once both formats passed.
     with (
@@ -187,13 +139,13 @@ def main() -> None:
             model.export(str(onnx_tmp), format="onnx", verbose=False)
         opset = name_batch_dimension(onnx_tmp)
         candidates = {
-            "saved_model": saved_model_probs(saved_tmp / SERVING_VERSION, x_test, graph_batch(views)),
-            "onnx": load_onnx_classifier(onnx_tmp).predict_proba(x_test, graph_batch(views)),
+            "saved_model": saved_model_probs(saved_tmp / SERVING_VERSION, x_test, graph_images),
+            "onnx": load_onnx_classifier(onnx_tmp).predict_proba(x_test, graph_images),
         }
         for name, probs in candidates.items():
             stats = parity(reference, probs)
             check_parity(name, stats)
-            report[name] = {**stats, "accuracy": round(float(np.mean(probs.argmax(axis=1) == y_test)), 6)}
+            report[name] = {**stats, "accuracy": round(accuracy(probs, y_test), DIGITS)}
         report["onnx"]["opset"] = opset
         json_tmp.write_text(json.dumps(report, indent=2) + "\n")
     print(

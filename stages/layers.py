@@ -1,5 +1,5 @@
 """The project's own Keras objects, registered for loading: every reader of a model file imports
-this module (common.load_model), so a model that uses them (a layer, or in its compile config a
+this module (modelfile.load_model), so a model that uses them (a layer, or in its compile config a
 schedule or an optimizer) loads in safe mode anywhere."""
 
 from __future__ import annotations
@@ -99,3 +99,25 @@ class ScaledBiasAdamW(_ScaledBatchNormBiasRate, keras.optimizers.AdamW):
 @keras.saving.register_keras_serializable(package="wardrobe")
 class ScaledBiasSGD(_ScaledBatchNormBiasRate, keras.optimizers.SGD):
     pass
+
+
+class TestTimeViews(keras.layers.Layer):
+    """N×H×W images → V×N×H×W: the test-time views (modelfile.Views.offsets) as graph ops, for
+    export's serving graph; no trained model holds it.
+
+    A shifted view is the zero-padded image cropped back to size, exactly modelfile.shifted.
+    """
+
+    def __init__(self, views: list[tuple[int, int, bool]], **kwargs: object) -> None:
+        super().__init__(**kwargs)
+        self.views = views
+
+    def call(self, images: keras.KerasTensor) -> keras.KerasTensor:
+        height, width = images.shape[1:]
+        pad = max([abs(d) for dy, dx, _ in self.views for d in (dy, dx)] + [0])
+        padded = keras.ops.pad(images, [[0, 0], [pad, pad], [pad, pad]]) if pad else images
+        stacked = []
+        for dy, dx, mirror in self.views:
+            view = padded[:, pad - dy : pad - dy + height, pad - dx : pad - dx + width]
+            stacked.append(keras.ops.flip(view, axis=2) if mirror else view)
+        return keras.ops.stack(stacked, axis=0)

@@ -1,10 +1,12 @@
 """The output contract, defined once: every file the pipeline writes, its columns or keys, and how
 each metric is computed.
 
-The stages write these (train: model, history and environment record; evaluate: the rest); validate, report and the
-tests check them from here, and tests/test_outputs.py checks that dvc.yaml declares the same paths
-and plots these columns. Adding a headline metric is one entry in HEADLINE_METRICS: evaluate
-computes and writes it, validate checks its presence and range, `dvc metrics diff` shows it.
+The stages write these (train: the model, its history and environment record; evaluate: the
+metrics, plot CSVs and pictures; export: the serving formats and their parity; card: the model
+card); validate, the report, the card and the tests read and check them from here, and
+tests/test_outputs.py checks that dvc.yaml declares the same paths and plots these columns. Adding
+a headline metric is one entry in HEADLINE_METRICS: evaluate computes and writes it, validate
+checks its presence and range, `dvc metrics diff` shows it.
 """
 
 from __future__ import annotations
@@ -37,6 +39,29 @@ SAVED_MODEL_DIR = Path("data/export/saved_model")  # TF Serving's model base pat
 ONNX_PATH = Path("data/export/model.onnx")
 EXPORT_JSON = Path("metrics/export.json")  # parity of each format with the Keras model
 MODEL_CARD = Path("metrics/model_card.md")  # card: written from the run's own files
+
+# export: the serving layout and the parity gate (export enforces it, the card states it, validate
+# checks metrics/export.json against it).
+SERVING_VERSION = "1"  # TF Serving loads the highest numbered folder under its model base path
+SERVING_INPUT, SERVING_OUTPUT = "image", "probabilities"
+PARITY_TOP1 = 0.9995  # share of test images whose top-1 class must equal the Keras model's
+PARITY_ATOL = 1e-4  # largest allowed difference of any probability
+EXPORT_FORMATS = ("saved_model", "onnx")
+EXPORT_KEYS = ("test_images", "tta_views", "keras_accuracy", *EXPORT_FORMATS)  # metrics/export.json
+FORMAT_KEYS = ("top1_agreement", "max_abs_diff", "accuracy")  # each format's entry (onnx adds `opset`)
+# train's metrics/environment.json: flat strings and numbers, one line each in `dvc metrics diff`.
+ENVIRONMENT_KEYS = (
+    "python",
+    "tensorflow",
+    "keras",
+    "numpy",
+    "device",
+    "device_name",
+    "kernels",
+    "replicas",
+    "precision",
+    "precision_reason",
+)
 
 # What each stage writes, as dvc.yaml declares it (outs and metrics).
 STAGE_OUTPUTS: dict[str, tuple[Path, ...]] = {
@@ -118,6 +143,12 @@ def per_class_scores(cm: np.ndarray) -> pd.DataFrame:
 
     frame = pd.DataFrame({"class": CLASS_NAMES, "precision": precision, "recall": recall, "f1": f1, "support": support})
     return frame[list(CSV_COLUMNS[PER_CLASS_CSV])]
+
+
+def mistake_counts(confusion: pd.DataFrame) -> pd.Series:
+    """Test images per off-diagonal (actual, predicted) cell, from confusion.csv's rows."""
+    mistakes = confusion[confusion["actual"] != confusion["predicted"]]
+    return mistakes.groupby(["actual", "predicted"]).size()
 
 
 def compute_metrics(predictions: Predictions) -> dict:

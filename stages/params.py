@@ -25,12 +25,12 @@ from stages.common import WardrobeError, run_main, write_text_atomic
 
 PARAMS_FILE = Path("params.yaml")
 CONF_DIR = Path("conf")
-IDX_FILES = (
-    "train-images-idx3-ubyte",
-    "train-labels-idx1-ubyte",
-    "t10k-images-idx3-ubyte",
-    "t10k-labels-idx1-ubyte",
-)
+# The dataset's IDX files, (images, labels) per file set: `prepare.sha256` pins each by name.
+IDX_SETS: dict[str, tuple[str, str]] = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "t10k": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+IDX_FILES = tuple(name for pair in IDX_SETS.values() for name in pair)
 
 Check = tuple[Callable[[Any], bool], str]
 

@@ -21,12 +21,12 @@ import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from stages.common import CLASS_NAMES, IMAGE_SHAPE, NUM_CLASSES, WardrobeError, load_classifier, run_main
+from stages.common import CLASS_NAMES, IMAGE_SHAPE, WardrobeError, run_main
+from stages.modelfile import Classifier, load_keras_classifier, load_onnx_classifier
 from stages.outputs import MODEL_PATH, ONNX_PATH
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif"}
@@ -34,7 +34,6 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif"}
 MAX_PIXELS = 64_000_000
 # Pixels at most this dark (0..255) count as background when finding the garment's bounding box.
 BACKGROUND_LEVEL = 24
-Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 
 
 @dataclass(frozen=True)
@@ -73,12 +72,16 @@ def to_training_format(gray: np.ndarray) -> np.ndarray:
 def load_image(path: Path) -> np.ndarray:
     """Decode one image file (first frame) to a 28×28 float array; bad files raise WardrobeError."""
     try:
-        # PIL checks the pixel count from the header at open, before decoding; make its warning
-        # (between 1× and 2× MAX_IMAGE_PIXELS) as fatal as its error (above 2×).
+        # PIL reads only the header at open. Its own bomb check (a warning above its
+        # MAX_IMAGE_PIXELS, about 89 megapixels, made fatal here; an error above twice that) fires
+        # there; the lower cap is checked from the same header, before any pixel is decoded, without
+        # changing PIL's process-wide limit.
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(path)
         with image:
+            if image.width * image.height > MAX_PIXELS:
+                raise Image.DecompressionBombError(f"{image.width}×{image.height}")
             image.seek(0)
             if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
                 # Transparent parts become white, like the page behind a product cut-out.
@@ -145,51 +148,6 @@ def top_k(probs: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
     return [[(CLASS_NAMES[j], float(row[j])) for j in idx] for row, idx in zip(probs, order, strict=True)]
 
 
-class ProbabilityModel(Protocol):
-    def predict_proba(self, x: np.ndarray, batch_size: int) -> np.ndarray: ...
-
-
-@dataclass(frozen=True)
-class OnnxClassifier:
-    """The exported ONNX graph: the test-time augmentation is inside it, so this is the whole model."""
-
-    session: Any  # onnxruntime.InferenceSession
-
-    def predict_proba(self, x: np.ndarray, batch_size: int) -> np.ndarray:
-        name = self.session.get_inputs()[0].name
-        batches = [self.session.run(None, {name: x[i : i + batch_size]})[0] for i in range(0, len(x), batch_size)]
-        return np.concatenate(batches)
-
-
-def load_onnx_classifier(path: Path) -> OnnxClassifier:
-    """Open an exported model with ONNX Runtime and check it maps N×28×28 floats to 10 classes."""
-    if not path.is_file():
-        raise WardrobeError(f"{path}: ONNX model not found; run `dvc repro export` (or dvc pull) first")
-    try:
-        import onnxruntime
-    except ImportError:
-        raise WardrobeError(f"{path}: onnxruntime is not installed: pip install 'onnxruntime<2'") from None
-    options = onnxruntime.SessionOptions()
-    options.log_severity_level = 3  # errors only: its warnings would bury our one-line errors
-    try:
-        session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # ONNX Runtime raises its own types for corrupt or invalid files
-        raise WardrobeError(f"{path}: cannot load ONNX model: {' '.join(str(exc).split())[:200]}") from exc
-    inputs, outputs = session.get_inputs(), session.get_outputs()
-    if (
-        len(inputs) != 1
-        or inputs[0].type != "tensor(float)"
-        or list(inputs[0].shape[1:]) != list(IMAGE_SHAPE)
-        or len(outputs) != 1
-        or list(outputs[0].shape[1:]) != [NUM_CLASSES]
-    ):
-        found = (
-            ", ".join(f"{i.name} {i.type} {i.shape}" for i in inputs) + " → " + ", ".join(str(o.shape) for o in outputs)
-        )
-        raise WardrobeError(f"{path}: ONNX model maps {found}, expected float N×28×28 to N×10")
-    return OnnxClassifier(session)
-
-
 def choose_runtime(runtime: str, model: Path | None) -> str:
     """auto: the file's own format if --model is given, else keras where TensorFlow is installed."""
     if runtime != "auto":
@@ -199,17 +157,17 @@ def choose_runtime(runtime: str, model: Path | None) -> str:
     return "keras" if importlib.util.find_spec("tensorflow") else "onnx"
 
 
-def load(runtime: str, model: Path | None) -> ProbabilityModel:
+def load(runtime: str, model: Path | None) -> Classifier:
     if runtime == "onnx":
         return load_onnx_classifier(model or ONNX_PATH)
     if not importlib.util.find_spec("tensorflow"):
         raise WardrobeError(
             f"TensorFlow is not installed, so --runtime keras cannot run; use --runtime onnx ({ONNX_PATH})"
         )
-    return load_classifier(model or MODEL_PATH)
+    return load_keras_classifier(model or MODEL_PATH)
 
 
-def predict(classifier: ProbabilityModel, items: list[Item], batch_size: int) -> np.ndarray:
+def predict(classifier: Classifier, items: list[Item], batch_size: int) -> np.ndarray:
     """Probabilities as evaluate computes them: the test-time augmentation the model file records."""
     pixels = np.stack([item.pixels for item in items])
     return classifier.predict_proba(pixels, batch_size)

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import sys
-import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -19,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.common import WardrobeError, run_main
+from stages.common import WardrobeError, atomic_dir, run_main, split_paths
 from stages.outputs import PREPARED_DIR
-from stages.params import PrepareParams, load_section
+from stages.params import IDX_SETS, PrepareParams, load_section
 
 IDX_DTYPE_UBYTE = 0x08
 # The largest file (train images) is 47 MB decompressed; anything far bigger is not ours.
@@ -150,46 +148,34 @@ def fetch_verified(name: str, params: PrepareParams) -> bytes:
     raise WardrobeError(f"{name}: no source worked; tried " + "; ".join(failures))
 
 
-def load_dataset(params: PrepareParams) -> dict[str, np.ndarray]:
-    """Fetch, verify, parse and split: returns x_/y_ arrays for train, val and test."""
-    arrays = {}
-    for split, prefix in (("train", "train"), ("test", "t10k")):
-        images_name, labels_name = f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"
+def load_dataset(params: PrepareParams) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Fetch, verify, parse and split: (images, labels) of train, val and test."""
+    sets = {}
+    for name, (images_name, labels_name) in IDX_SETS.items():
         images = parse_idx(fetch_verified(images_name, params), images_name)
         labels = parse_idx(fetch_verified(labels_name, params), labels_name)
-        check_pair(images, labels, f"{prefix} set")
-        arrays[f"x_{split}"], arrays[f"y_{split}"] = normalize(images), labels.astype(np.uint8)
-    train_idx, val_idx = stratified_split(arrays["y_train"], params.val_fraction, params.seed)
-    x_all, y_all = arrays.pop("x_train"), arrays.pop("y_train")
-    arrays["x_val"], arrays["y_val"] = x_all[val_idx], y_all[val_idx]
-    arrays["x_train"], arrays["y_train"] = x_all[train_idx], y_all[train_idx]
-    return arrays
+        check_pair(images, labels, f"{name} set")
+        sets[name] = normalize(images), labels.astype(np.uint8)
+    (x_all, y_all), test = sets["train"], sets["t10k"]
+    train_idx, val_idx = stratified_split(y_all, params.val_fraction, params.seed)
+    return {"train": (x_all[train_idx], y_all[train_idx]), "val": (x_all[val_idx], y_all[val_idx]), "test": test}
 
 
-def save_arrays(arrays: dict[str, np.ndarray], out_dir: Path) -> None:
-    """Write all arrays into a temp dir beside `out_dir`, then swap it in: never half a dataset."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
-    try:
-        for name, array in arrays.items():
-            with open(staging / f"{name}.npy", "wb") as handle:
-                np.save(handle, array, allow_pickle=False)
-                os.fsync(handle.fileno())
-        old = out_dir.with_name(f".{out_dir.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        if out_dir.exists():
-            out_dir.rename(old)
-        staging.rename(out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+def save_arrays(splits: dict[str, tuple[np.ndarray, np.ndarray]], out_dir: Path) -> None:
+    """Write all arrays into a temp folder beside `out_dir`, then swap it in: never half a dataset."""
+    with atomic_dir(out_dir) as staging:
+        for split, arrays in splits.items():
+            for path, array in zip(split_paths(staging, split), arrays, strict=True):
+                with open(path, "wb") as handle:
+                    np.save(handle, array, allow_pickle=False)
+                    os.fsync(handle.fileno())
 
 
 def main() -> None:
     params = load_section(PrepareParams)
-    arrays = load_dataset(params)
-    save_arrays(arrays, PREPARED_DIR)
-    sizes = ", ".join(f"{split} {len(arrays[f'y_{split}'])}" for split in ("train", "val", "test"))
+    splits = load_dataset(params)
+    save_arrays(splits, PREPARED_DIR)
+    sizes = ", ".join(f"{split} {len(labels)}" for split, (_, labels) in splits.items())
     print(f"prepare: wrote {PREPARED_DIR}/ ({sizes})")
 
 

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from stages.common import WardrobeError, find_tool, run_main, write_text_atomic
-from stages.outputs import CONFUSION_CSV, CONFUSION_PNG, METRICS_PATH, PER_CLASS_CSV
-from stages.validate import file_at, validate
+from stages.common import WardrobeError, markdown_table, read_csv, read_json, run_main, write_text_atomic
+from stages.outputs import CONFUSION_CSV, CONFUSION_PNG, METRICS_PATH, PER_CLASS_CSV, mistake_counts
+from stages.plumbing import file_at, find_tool
 
 IMAGES_DIR = "report_images"  # next to report.md
 TOP_MOVES = 5
@@ -71,26 +71,24 @@ def per_class_changes(base: pd.DataFrame | None, head: pd.DataFrame) -> pd.DataF
 def confusion_moves(base: pd.DataFrame, head: pd.DataFrame, top: int = TOP_MOVES) -> pd.DataFrame:
     """The off-diagonal (actual, predicted) cells whose count changed most, from confusion.csv rows."""
 
-    def counts(frame: pd.DataFrame) -> pd.Series:
-        mistakes = frame[frame["actual"] != frame["predicted"]]
-        return mistakes.groupby(["actual", "predicted"]).size()
-
-    table = pd.concat({"base": counts(base), "head": counts(head)}, axis=1).fillna(0).astype(int)
+    table = pd.concat({"base": mistake_counts(base), "head": mistake_counts(head)}, axis=1).fillna(0).astype(int)
     table["change"] = table["head"] - table["base"]
     table = table[table["change"] != 0].reset_index()
     order = table.assign(size=-table["change"].abs()).sort_values(["size", "actual", "predicted"]).index
     return table.loc[order].head(top).reset_index(drop=True)
 
 
-def headline(base_metrics: dict | None, head_metrics: dict, problems: list[str], classes: pd.DataFrame) -> str:
-    """The sentence a reviewer reads in five seconds."""
+def headline(base_metrics: dict | None, head_metrics: dict, problems: list[str] | None, classes: pd.DataFrame) -> str:
+    """The sentence a reviewer reads in five seconds; `problems` None: the gate was not run."""
     head = head_metrics["accuracy"]
     if base_metrics is None:
         accuracy = f"Test accuracy {head:.4f} (the base has no metrics)"
     else:
         base = base_metrics["accuracy"]
         accuracy = f"Test accuracy {base:.4f} → {head:.4f} ({(head - base) * 100:+.2f} points)"
-    if problems:
+    if problems is None:
+        gate = "validation gate: not run"
+    elif problems:
         more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
         gate = f"validation gate: **failed**: {problems[0]}{more}"
     else:
@@ -105,15 +103,17 @@ def headline(base_metrics: dict | None, head_metrics: dict, problems: list[str],
     return f"**{accuracy}**; {gate}{biggest}."
 
 
-def markdown_table(frame: pd.DataFrame, floats: str = "{:.4f}") -> str:
+def frame_table(frame: pd.DataFrame, floats: str = "{:.4f}") -> str:
+    """A frame as a markdown table; a float is signed when it is a change, — when missing."""
+
     def cell(value: object) -> str:
         if isinstance(value, float):
             return "—" if pd.isna(value) else (f"{value:+.4f}" if value < 0 or value > 0 else floats.format(value))
         return str(value)
 
-    lines = ["| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns)]
-    lines += ["| " + " | ".join(cell(value) for value in row) + " |" for row in frame.itertuples(index=False)]
-    return "\n".join(lines)
+    return markdown_table(
+        list(frame.columns), [[cell(value) for value in row] for row in frame.itertuples(index=False)]
+    )
 
 
 def build_report(
@@ -128,32 +128,42 @@ def build_report(
     classes = classes.assign(base=classes["base"].map("{:.4f}".format), head=classes["head"].map("{:.4f}".format))
     parts = [f"# wardrobe report (against `{base}`)", "", headline_text, "", "## Plots (head and base)", ""]
     parts += [f"![{image.stem}]({image.as_posix()})" for image in images]
-    parts += ["", "## Per-class F1", "", markdown_table(classes), ""]
+    parts += ["", "## Per-class F1", "", frame_table(classes), ""]
     parts += ["## Confusion-matrix cells that moved most", ""]
-    parts += [markdown_table(moves) if moves is not None and len(moves) else "_no changes_", ""]
+    parts += [frame_table(moves) if moves is not None and len(moves) else "_no changes_", ""]
     parts += ["## Metrics", "", metrics_md, "", "## Params", "", params_md]
     return "\n".join(parts) + "\n"
 
 
-def read_csv(text: str | None) -> pd.DataFrame | None:
+def csv_text(text: str | None) -> pd.DataFrame | None:
     return pd.read_csv(io.StringIO(text)) if text is not None else None
+
+
+def read_verdict(path: Path) -> list[str]:
+    """The gate's problems as `python -m stages.validate --verdict PATH` wrote them, one per line."""
+    try:
+        return path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise WardrobeError(f"{path}: no verdict; run `python -m stages.validate --verdict {path}` first") from None
+    except OSError as exc:
+        raise WardrobeError(f"{path}: cannot read the gate's verdict: {exc.strerror}") from exc
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="Write a markdown report of this workspace against a revision.")
     parser.add_argument("--base", default="HEAD", help="revision to compare with (default: HEAD)")
     parser.add_argument("--out", type=Path, default=Path("report.md"))
+    parser.add_argument(
+        "--gate", type=Path, metavar="VERDICT", help="the validation gate's verdict file (stages.validate --verdict)"
+    )
     args = parser.parse_args()
-    try:
-        problems = validate(args.base)
-    except WardrobeError as error:
-        problems = [str(error)]
+    problems = read_verdict(args.gate) if args.gate else None
     base_metrics_text = file_at(args.base, METRICS_PATH)[0]
     base_metrics = json.loads(base_metrics_text) if base_metrics_text else None
-    head_metrics = json.loads(METRICS_PATH.read_text())
-    classes = per_class_changes(read_csv(file_at(args.base, PER_CLASS_CSV)[0]), pd.read_csv(PER_CLASS_CSV))
-    base_confusion = read_csv(file_at(args.base, CONFUSION_CSV)[0])
-    moves = confusion_moves(base_confusion, pd.read_csv(CONFUSION_CSV)) if base_confusion is not None else None
+    head_metrics = read_json(METRICS_PATH)
+    classes = per_class_changes(csv_text(file_at(args.base, PER_CLASS_CSV)[0]), read_csv(PER_CLASS_CSV))
+    base_confusion = csv_text(file_at(args.base, CONFUSION_CSV)[0])
+    moves = confusion_moves(base_confusion, read_csv(CONFUSION_CSV)) if base_confusion is not None else None
 
     images_dir = args.out.parent / IMAGES_DIR
     images_dir.mkdir(parents=True, exist_ok=True)

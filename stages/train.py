@@ -7,22 +7,17 @@ import dataclasses
 import json
 import math
 import tempfile
-import zipfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import keras
 import numpy as np
 import tensorflow as tf
 
 from stages.common import (
-    FLIP_TTA_KEY,
     NUM_CLASSES,
-    SHIFT_TTA_KEY,
     WardrobeError,
     atomic_path,
-    decide_flip_tta,
     enable_determinism,
     load_split,
     run_main,
@@ -39,6 +34,7 @@ from stages.distribute import (
 from stages.environment import choose_precision, compute_device, environment_record
 from stages.layers import ScaledBiasAdam, ScaledBiasAdamW, ScaledBiasSGD, WarmupLinearDecay
 from stages.model import build_model, initialize_convs
+from stages.modelfile import Views, decide_flip, save_model
 from stages.outputs import ENVIRONMENT_JSON, HISTORY_CSV, MODEL_PATH, PREPARED_DIR
 from stages.params import TrainParams, load_section
 
@@ -176,6 +172,29 @@ def compile_model(model: keras.Model, params: TrainParams, steps_per_epoch: int)
     model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"])
 
 
+def training_callbacks(params: TrainParams, history_csv: Path, epoch: tf.Variable | None) -> list:
+    """The history CSV (epochs from 1), a stop on NaN, the alternate-flip epoch counter, early stopping."""
+    callbacks = [EpochFromOneCSVLogger(str(history_csv)), keras.callbacks.TerminateOnNaN()]
+    if epoch is not None:
+        callbacks.append(keras.callbacks.LambdaCallback(on_epoch_begin=lambda number, logs=None: epoch.assign(number)))
+    if params.early_stopping_patience:
+        callbacks.append(
+            keras.callbacks.EarlyStopping(
+                monitor="val_accuracy", patience=params.early_stopping_patience, restore_best_weights=True
+            )
+        )
+    return callbacks
+
+
+def check_converged(losses: list[float], learning_rate: float) -> None:
+    """TerminateOnNaN stops a diverging fit but returns normally: make it an error (no model kept)."""
+    if not losses or not np.all(np.isfinite(losses)):
+        raise WardrobeError(
+            f"train: loss became {losses[-1] if losses else 'undefined'} at epoch {len(losses)}; "
+            f"lower train.learning_rate (now {learning_rate}); no model was written"
+        )
+
+
 def fit(
     params: TrainParams,
     train: tuple[np.ndarray, np.ndarray],
@@ -183,11 +202,13 @@ def fit(
     history_csv: Path,
     verbose: int | str = "auto",
     strategy: tf.distribute.Strategy | None = None,
+    precision: str | None = None,
 ) -> keras.Model:
     """Train and return the model; raises WardrobeError if the loss diverges (no model is kept).
 
     `train.batch_size` is per replica: the global batch is batch_size × replicas and the
     learning rate is scaled by the replica count (linear scaling), so one replica is unchanged.
+    `precision` is the Keras dtype policy main decided (and recorded); None decides it here.
     """
     strategy = strategy or distribution_strategy(params.strategy)
     seed_everything(params.seed)
@@ -201,7 +222,7 @@ def fit(
     val_ds = make_dataset(*val, global_batch, shuffle_seed=None, one_hot=one_hot)
     if replicas > 1:
         params = dataclasses.replace(params, learning_rate=params.learning_rate * replicas)
-    precision, _ = choose_precision(params.precision, compute_device())
+    precision = precision or choose_precision(params.precision, compute_device())[0]
     with strategy.scope(), dtype_policy(precision):
         model = build_model(params)
         if params.arch == "cnn":
@@ -209,15 +230,7 @@ def fit(
         compile_model(model, params, steps_per_epoch=math.ceil(len(train[0]) / global_batch))
     if uses_distribution(strategy):
         fix_keras_for_distribution(model, train_ds)
-    callbacks = [EpochFromOneCSVLogger(str(history_csv)), keras.callbacks.TerminateOnNaN()]
-    if epoch is not None:
-        callbacks.append(keras.callbacks.LambdaCallback(on_epoch_begin=lambda number, logs=None: epoch.assign(number)))
-    if params.early_stopping_patience:
-        callbacks.append(
-            keras.callbacks.EarlyStopping(
-                monitor="val_accuracy", patience=params.early_stopping_patience, restore_best_weights=True
-            )
-        )
+    callbacks = training_callbacks(params, history_csv, epoch)
     # shuffle=False: the dataset shuffles itself (seeded); Keras can't shuffle a tf.data input.
     try:
         history = model.fit(
@@ -225,47 +238,8 @@ def fit(
         )
     except tf.errors.UnavailableError as error:  # only collective ops across workers raise it
         raise lost_worker_error(error) from None
-    losses = history.history.get("loss", [])
-    if not losses or not np.all(np.isfinite(losses)):
-        raise WardrobeError(
-            f"train: loss became {losses[-1] if losses else 'undefined'} at epoch {len(losses)}; "
-            f"lower train.learning_rate (now {params.learning_rate}); no model was written"
-        )
+    check_converged(history.history.get("loss", []), params.learning_rate)
     return model
-
-
-def save_model(model: keras.Model, path: Path, flip_tta: bool, tta_shift: int = 0) -> None:
-    """model.save, minus what makes equal models differ in bytes, so DVC's hash of it is stable,
-    plus the test-time augmentation every user of the file must apply (common.load_classifier).
-
-    Keras writes the save time into metadata.json, numbers shared objects in config.json by
-    their memory address, and dates zip entries with the clock; the weights are already exact.
-    """
-    model.save(path)
-    with zipfile.ZipFile(path) as archive:
-        entries = [(info, archive.read(info)) for info in archive.infolist()]
-    with zipfile.ZipFile(path, "w") as archive:
-        for info, data in entries:
-            if info.filename == "metadata.json":
-                metadata = {k: v for k, v in json.loads(data).items() if k != "date_saved"}
-                data = json.dumps({**metadata, FLIP_TTA_KEY: flip_tta, SHIFT_TTA_KEY: tta_shift}).encode()
-            elif info.filename == "config.json":
-                data = json.dumps(renumber_shared_objects(json.loads(data), {})).encode()
-            archive.writestr(zipfile.ZipInfo(info.filename), data, compress_type=info.compress_type)
-
-
-def renumber_shared_objects(config: Any, numbers: dict[int, int]) -> Any:
-    """Replace each `shared_object_id` (an id() in Keras) by its order of first appearance."""
-    if isinstance(config, dict):
-        return {
-            key: numbers.setdefault(value, len(numbers) + 1)
-            if key == "shared_object_id"
-            else renumber_shared_objects(value, numbers)
-            for key, value in config.items()
-        }
-    if isinstance(config, list):
-        return [renumber_shared_objects(value, numbers) for value in config]
-    return config
 
 
 def main() -> None:
@@ -289,8 +263,8 @@ def main() -> None:
         atomic_path(MODEL_PATH) as model_tmp,
         atomic_path(ENVIRONMENT_JSON) as environment_tmp,
     ):
-        model = fit(params, train, val, history_tmp, verbose=2, strategy=strategy)
-        save_model(model, model_tmp, decide_flip_tta(bool(params.augment_flip), params.tta_flip), params.tta_shift)
+        model = fit(params, train, val, history_tmp, verbose=2, strategy=strategy, precision=precision)
+        save_model(model, model_tmp, Views(decide_flip(bool(params.augment_flip), params.tta_flip), params.tta_shift))
         record = environment_record(device, precision, reason, strategy.num_replicas_in_sync)
         environment_tmp.write_text(json.dumps(record, indent=2) + "\n")
     print(f"train: wrote {MODEL_PATH}, {HISTORY_CSV} and {ENVIRONMENT_JSON}")

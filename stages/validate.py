@@ -20,20 +20,29 @@ import pandas as pd
 import yaml
 from PIL import Image, UnidentifiedImageError
 
-from stages.common import CLASS_NAMES, WardrobeError, find_tool, run_main
+from stages.common import CLASS_NAMES, WardrobeError, read_json, run_main, split_paths, write_text_atomic
 from stages.outputs import (
     CLASS_SCORES,
     CONFUSION_CSV,
     CSV_COLUMNS,
+    ENVIRONMENT_JSON,
+    ENVIRONMENT_KEYS,
+    EXPORT_FORMATS,
+    EXPORT_JSON,
+    EXPORT_KEYS,
+    FORMAT_KEYS,
     HEADLINE_METRICS,
     HISTORY_CSV,
     METRICS_PATH,
+    PARITY_ATOL,
+    PARITY_TOP1,
     PER_CLASS_CSV,
     PNGS,
     PREPARED_DIR,
     STAGE_OUTPUTS,
 )
 from stages.params import CONF_DIR, PARAMS_FILE, ValidateParams, compose, disagreements, load_params
+from stages.plumbing import file_at, find_tool
 
 MIN_PNG_SIDE = 200
 
@@ -72,6 +81,33 @@ def check_metrics_schema(metrics: Any) -> list[str]:
         elif name not in missing:
             problems.append(f"{where}: per_class.{name} must be an object")
     return problems
+
+
+def check_export(report: Any) -> list[str]:
+    """metrics/export.json has the contract's keys and records parity within the contract's gate
+    (export refuses to write otherwise: a hand-edited or stale file is caught here)."""
+    if not isinstance(report, dict) or set(report) != set(EXPORT_KEYS):
+        keys = sorted(report) if isinstance(report, dict) else type(report).__name__
+        return [f"{EXPORT_JSON}: expected keys {list(EXPORT_KEYS)}, got {keys}"]
+    problems = []
+    for name in EXPORT_FORMATS:
+        entry = report[name]
+        missing = [key for key in FORMAT_KEYS if not isinstance(entry, dict) or key not in entry]
+        if missing:
+            problems.append(f"{EXPORT_JSON}: {name} lacks {', '.join(missing)}")
+        elif entry["top1_agreement"] < PARITY_TOP1 or not entry["max_abs_diff"] <= PARITY_ATOL:
+            problems.append(
+                f"{EXPORT_JSON}: {name} parity {entry['top1_agreement']:.4%} top-1, "
+                f"{entry['max_abs_diff']:.1e} max difference is outside the gate ({PARITY_TOP1:.2%}, {PARITY_ATOL:.0e})"
+            )
+    return problems
+
+
+def check_environment(record: Any) -> list[str]:
+    if not isinstance(record, dict) or list(record) != list(ENVIRONMENT_KEYS):
+        keys = list(record) if isinstance(record, dict) else type(record).__name__
+        return [f"{ENVIRONMENT_JSON}: expected keys {list(ENVIRONMENT_KEYS)}, got {keys}"]
+    return []
 
 
 def check_quality(metrics: dict, gates: ValidateParams) -> list[str]:
@@ -170,12 +206,6 @@ def params_match_conf() -> list[str]:
     ]
 
 
-def file_at(rev: str, path: Path) -> tuple[str | None, str]:
-    """A file's committed text at `rev` (None if that revision has no such file), and git's error."""
-    result = subprocess.run([find_tool("git"), "show", f"{rev}:{path.as_posix()}"], capture_output=True, text=True)
-    return (result.stdout if result.returncode == 0 else None), result.stderr.strip()
-
-
 def metrics_at(rev: str) -> dict:
     text, error = file_at(rev, METRICS_PATH)
     if text is None:
@@ -202,7 +232,13 @@ def validate(against: str | None) -> list[str]:
             problems += check_quality(metrics, gates)
             if against:
                 problems += check_drop(metrics, metrics_at(against), against, gates.max_drop)
-    y_test = PREPARED_DIR / "y_test.npy"
+    for path, check in ((EXPORT_JSON, check_export), (ENVIRONMENT_JSON, check_environment)):
+        if path.exists():
+            try:
+                problems += check(read_json(path))
+            except WardrobeError as error:
+                problems.append(str(error))
+    y_test = split_paths(PREPARED_DIR, "test")[1]
     test_size = len(np.load(y_test, allow_pickle=False)) if y_test.exists() else None
     if all(path.exists() for path in CSV_COLUMNS):
         problems += check_csvs(test_size)
@@ -215,8 +251,16 @@ def validate(against: str | None) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description="Check the pipeline's outputs (CI gate).")
     parser.add_argument("--against", metavar="REV", help="fail if test accuracy dropped vs. REV's metrics")
+    parser.add_argument(
+        "--verdict", type=Path, metavar="FILE", help="also write the problems to FILE, one per line (for the report)"
+    )
     args = parser.parse_args()
-    problems = validate(args.against)
+    try:
+        problems = validate(args.against)
+    except WardrobeError as error:
+        problems = [str(error)]
+    if args.verdict:
+        write_text_atomic(args.verdict, "".join(f"{problem}\n" for problem in problems))
     for problem in problems:
         print(f"error: {problem}", file=sys.stderr)
     if problems:

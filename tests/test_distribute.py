@@ -18,8 +18,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from stages.common import WardrobeError, load_model
+from stages.common import WardrobeError
 from stages.distribute import check_tf_config
+from stages.modelfile import load_model
 from stages.outputs import ENVIRONMENT_JSON, HISTORY_CSV, MODEL_PATH
 from tests.conftest import REPO, free_port, module_env, run_module, set_params, tiny_params, write_params
 

@@ -22,31 +22,29 @@ def test_confusion_rows_and_csv(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == [tmp_path / "c.csv"]  # no temp file left behind
 
 
-def test_stages_end_to_end(tmp_path: Path, params_dict: dict, monkeypatch: pytest.MonkeyPatch) -> None:
-    """prepare -> train -> evaluate on tiny data, without DVC: every output is written and sane."""
-    write_params(tmp_path, params_dict)
-    for stage in ("prepare", "train", "evaluate"):
-        result = run_module(f"stages.{stage}", cwd=tmp_path)
-        assert result.returncode == 0, result.stderr
-    metrics = json.loads((tmp_path / METRICS_PATH).read_text())
-    confusion = pd.read_csv(tmp_path / "plots/confusion.csv")
+@pytest.mark.pipeline
+def test_the_tiny_runs_outputs_are_written_and_sane(tiny_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every stage on tiny data (conftest's tiny_run): evaluate's outputs are complete and agree."""
+    metrics = json.loads((tiny_run / METRICS_PATH).read_text())
+    confusion = pd.read_csv(tiny_run / "plots/confusion.csv")
     assert len(confusion) == 40 and set(confusion["actual"]) == set(CLASS_NAMES)
     # The headline number is the confusion table's diagonal share, not just some value in [0, 1]:
     assert metrics["accuracy"] == round(float((confusion["actual"] == confusion["predicted"]).mean()), 6)
-    per_class = pd.read_csv(tmp_path / PER_CLASS_CSV)
+    per_class = pd.read_csv(tiny_run / PER_CLASS_CSV)
     assert per_class["support"].sum() == 40
-    assert pd.read_csv(tmp_path / HISTORY_CSV)["epoch"].tolist() == [1]
+    assert pd.read_csv(tiny_run / HISTORY_CSV)["epoch"].tolist() == [1]
     # What evaluate and train wrote passes validate's contract checks (writer and checker agree):
     assert check_metrics_schema(metrics) == []
-    monkeypatch.chdir(tmp_path)
+    monkeypatch.chdir(tiny_run)
     assert all(tuple(pd.read_csv(path).columns) == columns for path, columns in CSV_COLUMNS.items())
     assert check_csvs(test_size=40) == []
     for png in ("training_curves", "confusion_matrix", "predictions"):
-        with Image.open(tmp_path / f"plots/{png}.png") as image:
+        with Image.open(tiny_run / f"plots/{png}.png") as image:
             assert image.format == "PNG" and image.width >= 300 and image.height >= 300
-    assert (tmp_path / "data/model/model.keras").stat().st_size > 0
+    assert (tiny_run / "data/model/model.keras").stat().st_size > 0
 
 
+@pytest.mark.pipeline
 def test_evaluate_without_model_fails_cleanly(tmp_path: Path, params_dict: dict) -> None:
     write_params(tmp_path, params_dict)
     result = run_module("stages.evaluate", cwd=tmp_path)

@@ -40,22 +40,10 @@ def run_stage(stage: str, cwd: Path, timeout: float = 120) -> subprocess.Complet
     return run_module(f"stages.{stage}", cwd=cwd, timeout=timeout)
 
 
-@pytest.fixture(scope="module")
-def done(tmp_path_factory: pytest.TempPathFactory, idx_source: tuple[Path, dict[str, str]]) -> Path:
-    """A tiny project after a successful prepare, train and evaluate: the 'previous results'."""
-    from tests.conftest import tiny_params
-
-    work = tmp_path_factory.mktemp("done")
-    write_params(work, tiny_params(*idx_source))
-    for stage in ("prepare", "train", "evaluate"):
-        assert run_stage(stage, work).returncode == 0
-    return work
-
-
 @pytest.fixture
-def work(done: Path, tmp_path: Path) -> Path:
+def work(tiny_run: Path, tmp_path: Path) -> Path:
     """A private copy of the finished project, so each case can break it freely."""
-    shutil.copytree(done, tmp_path / "w")
+    shutil.copytree(tiny_run, tmp_path / "w")
     return tmp_path / "w"
 
 
@@ -83,15 +71,23 @@ def edit_params(work: Path, change: Callable[[dict], None]) -> None:
     write_params(work, params)
 
 
-PARAM_CASES = [
-    (lambda p: p["train"].update(epochz=3), "params.yaml: train.epochz: unknown key"),
-    (lambda p: p["train"].update(epochs="five"), "params.yaml: train.epochs: expected int, got str 'five'"),
-    (lambda p: p["train"].update(epochs=0), "params.yaml: train.epochs: must be > 0, got 0"),
-    (lambda p: p["prepare"].update(val_fraction=1.5), "params.yaml: prepare.val_fraction: must be in (0, 1), got 1.5"),
-    (lambda p: p["train"].update(arch="vit"), "params.yaml: train.arch: 'vit' is not one of ['mlp', 'cnn']"),
-    (lambda p: p["train"].update(optimizer="sgd"), "params.yaml: train.optimizer: 'sgd' is not one of"),
-    (lambda p: p["evaluate"].update(example_grid=0), "params.yaml: evaluate.example_grid: must be in 1..10, got 0"),
-    (lambda p: p.update(extra={}), "params.yaml: extra: unknown key"),
+PARAM_CASES = [  # (the section a case breaks, the edit, the error)
+    ("train", lambda p: p["train"].update(epochz=3), "params.yaml: train.epochz: unknown key"),
+    ("train", lambda p: p["train"].update(epochs="five"), "params.yaml: train.epochs: expected int, got str 'five'"),
+    ("train", lambda p: p["train"].update(epochs=0), "params.yaml: train.epochs: must be > 0, got 0"),
+    (
+        "prepare",
+        lambda p: p["prepare"].update(val_fraction=1.5),
+        "params.yaml: prepare.val_fraction: must be in (0, 1), got 1.5",
+    ),
+    ("train", lambda p: p["train"].update(arch="vit"), "params.yaml: train.arch: 'vit' is not one of ['mlp', 'cnn']"),
+    ("train", lambda p: p["train"].update(optimizer="sgd"), "params.yaml: train.optimizer: 'sgd' is not one of"),
+    (
+        "evaluate",
+        lambda p: p["evaluate"].update(example_grid=0),
+        "params.yaml: evaluate.example_grid: must be in 1..10, got 0",
+    ),
+    ("extra", lambda p: p.update(extra={}), "params.yaml: extra: unknown key"),
 ]
 # Each stage validates the sections DVC re-runs it for (validate, CI's gate, checks them all), and
 # every stage rejects an unknown top-level section.
@@ -104,12 +100,13 @@ READS = {
 }
 ENTRY_POINT_CASES = [
     pytest.param(stage, change, message, id=f"{stage}-{message.split(': ')[1]}")
-    for change, message in PARAM_CASES
+    for section, change, message in PARAM_CASES
     for stage, sections in READS.items()
-    if message.split(": ")[1].split(".")[0] in sections | {"extra"}
+    if section in sections | {"extra"}
 ]
 
 
+@pytest.mark.pipeline
 @pytest.mark.parametrize(("stage", "change", "message"), ENTRY_POINT_CASES)
 def test_bad_params_at_every_entry_point(work: Path, stage: str, change, message: str) -> None:
     before = snapshot(work)
@@ -117,6 +114,7 @@ def test_bad_params_at_every_entry_point(work: Path, stage: str, change, message
     assert_failed_cleanly(run_stage(stage, work), message, before, work)
 
 
+@pytest.mark.pipeline
 def test_a_typo_in_train_does_not_stop_prepare(work: Path) -> None:
     """prepare does not depend on `train` (DVC would not re-run it for a change there)."""
     edit_params(work, lambda p: p["train"].update(epochz=3))
@@ -124,6 +122,7 @@ def test_a_typo_in_train_does_not_stop_prepare(work: Path) -> None:
     assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.pipeline
 @pytest.mark.parametrize("stage", ["prepare", "train", "evaluate"])
 def test_malformed_and_missing_params_file(work: Path, stage: str) -> None:
     before = snapshot(work)
@@ -186,6 +185,7 @@ DATA_CASES = {
 }
 
 
+@pytest.mark.pipeline
 @pytest.mark.parametrize("case", list(DATA_CASES))
 def test_bad_data_fails_prepare_cleanly(work: Path, idx_source: tuple[Path, dict[str, str]], case: str) -> None:
     source = work.parent / "source"
@@ -234,6 +234,7 @@ def mirror() -> Iterator[tuple[str, type[_Mirror]]]:
     server.server_close()
 
 
+@pytest.mark.pipeline
 @pytest.mark.parametrize(
     ("mode", "message"),
     [
@@ -256,6 +257,7 @@ def test_bad_mirror_fails_prepare_cleanly(work: Path, mirror, mode: str, message
 # ---- training --------------------------------------------------------------------------------
 
 
+@pytest.mark.pipeline
 def test_diverging_training_writes_no_model(work: Path) -> None:
     before = snapshot(work)
     edit_params(work, lambda p: p["train"].update(learning_rate=1e30, epochs=3))
@@ -264,6 +266,7 @@ def test_diverging_training_writes_no_model(work: Path) -> None:
     )
 
 
+@pytest.mark.pipeline
 @pytest.mark.parametrize(("tf_config", "message"), TF_CONFIG_CASES[:2], ids=["unset", "not JSON"])
 def test_multi_worker_without_cluster_fails_train_cleanly(work: Path, tf_config: str | None, message: str) -> None:
     """Checked before TensorFlow would wait for a cluster that isn't there."""
@@ -275,6 +278,7 @@ def test_multi_worker_without_cluster_fails_train_cleanly(work: Path, tf_config:
     assert_failed_cleanly(run_module("stages.train", cwd=work, env=env), message, before, work)
 
 
+@pytest.mark.pipeline
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
 def test_killed_training_keeps_old_model_and_rerun_completes(work: Path, sig: signal.Signals) -> None:
     edit_params(work, lambda p: p["train"].update(epochs=60, batch_size=4))
@@ -304,6 +308,7 @@ def test_killed_training_keeps_old_model_and_rerun_completes(work: Path, sig: si
 # ---- evaluate --------------------------------------------------------------------------------
 
 
+@pytest.mark.pipeline
 @pytest.mark.parametrize(
     ("breakage", "message"),
     [

@@ -18,17 +18,20 @@ def _python(code: str, cwd: Path, **variables: str) -> subprocess.CompletedProce
     return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=environment, capture_output=True, text=True)
 
 
+@pytest.mark.pipeline
 def test_tensorflow_loads_without_its_banner_after_stages(tmp_path: Path) -> None:
     result = _python("import stages, tensorflow as tf; print(int(tf.constant(2) + 1))", tmp_path)
     assert (result.returncode, result.stdout, result.stderr) == (0, "3\n", "")
 
 
+@pytest.mark.pipeline
 def test_without_stages_first_the_banner_is_printed(tmp_path: Path) -> None:
     """What the log level removes (so the test above can fail)."""
     result = _python("import tensorflow, stages", tmp_path)
     assert result.returncode == 0 and BANNER_LINE in result.stderr
 
 
+@pytest.mark.pipeline
 def test_native_errors_during_import_still_reach_stderr(tmp_path: Path) -> None:
     """A library writing to file descriptor 2 at import, as a broken CUDA library or an ABI
     mismatch does from C++: every byte arrives (stderr was once sent to /dev/null here)."""
@@ -42,6 +45,7 @@ def test_native_errors_during_import_still_reach_stderr(tmp_path: Path) -> None:
 ONEDNN_CHECK = "from tensorflow.python.util import _pywrap_util_port as p; print(p.IsMklEnabled())"
 
 
+@pytest.mark.pipeline
 @pytest.mark.parametrize("setting", ["unset", "1", "0"])
 def test_onednn_is_on_unless_turned_off_and_silent_either_way(tmp_path: Path, setting: str) -> None:
     """Both CPU kinds run oneDNN (TensorFlow's own default turns it on only on some Intel CPUs);

@@ -18,6 +18,8 @@ from tests.conftest import REPO, make_project, repro, sh, tiny_params, write_par
 
 ALL_STAGES = ["prepare", "train", "evaluate", "export", "card"]
 
+pytestmark = pytest.mark.pipeline  # every test here runs dvc, git or the stages in subprocesses
+
 
 def imported_stage_files(module: str) -> set[str]:
     """The files of the `stages` package that `module` imports, directly or not, read from source."""
@@ -38,8 +40,13 @@ def test_each_stage_depends_on_exactly_the_code_it_imports() -> None:
     """A missing dep gives stale results, an extra one spurious re-runs."""
     for name, stage in yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"].items():
         module = stage["cmd"].removeprefix("python -m ")
-        code_deps = {dep for dep in stage["deps"] if dep.startswith("stages/")}
+        code_deps = {dep for dep in stage["deps"] if dep.startswith("stages/") and dep.endswith(".py")}
         assert code_deps == imported_stage_files(module), name
+    # The one code file that is not Python: the card's text, read by stages/card.py only.
+    other = {
+        dep for stage in yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"].values() for dep in stage["deps"]
+    }
+    assert {dep for dep in other if dep.startswith("stages/") and not dep.endswith(".py")} == {"stages/card.md"}
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +70,29 @@ def test_second_repro_runs_nothing(project: tuple[Path, dict]) -> None:
     repo, _ = project
     assert repro(repo) == []
     assert sh(repo, "dvc", "status", "--json").stdout.strip() == "{}"
+
+
+# The command-line tools that are not stages: no stage imports them, so editing them re-runs nothing.
+NOT_STAGES = ("stages/predict.py", "stages/validate.py", "stages/report.py", "stages/plumbing.py")
+
+
+def test_no_stage_imports_the_command_line_tools() -> None:
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"].values()
+    used = set().union(*(imported_stage_files(stage["cmd"].removeprefix("python -m ")) for stage in stages))
+    assert used.isdisjoint(NOT_STAGES)
+    assert {f"stages/{p.name}" for p in (REPO / "stages").glob("*.py")} == used | set(NOT_STAGES)  # none unaccounted
+
+
+def test_editing_a_tool_re_runs_nothing_and_editing_the_card_only_the_card(project: tuple[Path, dict]) -> None:
+    repo, _ = project
+    for path in NOT_STAGES:
+        with (repo / path).open("a") as handle:
+            handle.write("\n# an edit that cannot change a result\n")
+    assert sh(repo, "dvc", "status").stdout.strip() == "Data and pipelines are up to date."
+    with (repo / "stages/card.md").open("a") as handle:
+        handle.write("\nThe card's wording, edited.\n")
+    assert list(json.loads(sh(repo, "dvc", "status", "--json").stdout)) == ["card"]
+    assert repro(repo) == ["card"]
 
 
 @pytest.mark.parametrize(

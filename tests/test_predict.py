@@ -14,10 +14,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from stages.common import WardrobeError, decide_flip_tta, load_classifier, load_model
+from stages.common import WardrobeError
+from stages.modelfile import Views, decide_flip, load_keras_classifier, load_model, save_model
 from stages.outputs import MODEL_PATH
 from stages.predict import collect, load_image, main, to_training_format, top_k
-from tests.conftest import run_module, save_wrong_shape_model, write_params
+from tests.conftest import run_module, save_wrong_shape_model
 
 
 def test_dark_28x28_is_taken_unchanged() -> None:
@@ -52,36 +53,22 @@ def _png_claiming(path: Path, width: int, height: int) -> None:
     path.write_bytes(bytes(data))
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory, idx_source: tuple[Path, dict[str, str]]) -> Path:
-    """A tiny project after prepare, train and evaluate; test images exported as PNGs."""
-    from tests.conftest import tiny_params
-
-    work = tmp_path_factory.mktemp("predict")
-    write_params(work, tiny_params(*idx_source))
-    for stage in ("prepare", "train", "evaluate"):
-        assert run_module(f"stages.{stage}", cwd=work).returncode == 0
-    x_test = np.load(work / "data/prepared/x_test.npy")
-    (work / "pngs").mkdir()
-    for i, image in enumerate(x_test):
-        Image.fromarray(np.round(image * 255).astype(np.uint8)).save(work / f"pngs/{i:03d}.png")
-    return work
-
-
-def test_predict_agrees_with_evaluate_on_exported_test_images(trained: Path) -> None:
-    result = run_module("stages.predict", "pngs", "--json", "--top-k", "3", "--batch-size", "7", cwd=trained)
+@pytest.mark.pipeline
+def test_predict_agrees_with_evaluate_on_exported_test_images(tiny_run: Path) -> None:
+    result = run_module("stages.predict", "pngs", "--json", "--top-k", "3", "--batch-size", "7", cwd=tiny_run)
     assert result.returncode == 0, result.stderr
     records = [json.loads(line) for line in result.stdout.splitlines()]
-    expected = pd.read_csv(trained / "plots/confusion.csv")["predicted"].tolist()
+    expected = pd.read_csv(tiny_run / "plots/confusion.csv")["predicted"].tolist()
     assert [r["path"] for r in records] == [f"pngs/{i:03d}.png" for i in range(len(expected))]
     assert [r["top_k"][0]["class"] for r in records] == expected
     assert all(len(r["top_k"]) == 3 for r in records)
     assert all(r["top_k"][0]["probability"] >= r["top_k"][1]["probability"] for r in records)
 
 
+@pytest.mark.pipeline
 @pytest.mark.parametrize(("setting", "shift"), [("auto", 0), ("always", 0), ("never", 0), ("never", 1)])
 def test_predict_agrees_with_evaluate_under_every_tta_setting(
-    trained: Path,
+    tiny_run: Path,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture,
@@ -92,14 +79,13 @@ def test_predict_agrees_with_evaluate_under_every_tta_setting(
     evaluate and predict both read them from there, so they agree, and a downloaded model needs
     no params.yaml."""
     from stages.evaluate import main as evaluate_main
-    from stages.train import save_model
 
     work = tmp_path / "w"
-    shutil.copytree(trained, work)
+    shutil.copytree(tiny_run, work)
     model = load_model(work / MODEL_PATH)
-    flip = decide_flip_tta(False, setting)  # the tiny model is an mlp trained without flips
+    flip = decide_flip(False, setting)  # the tiny model is an mlp trained without flips
     assert flip is {"auto": False, "always": True, "never": False}[setting]
-    save_model(model, work / MODEL_PATH, flip, shift)  # what train writes for these params
+    save_model(model, work / MODEL_PATH, Views(flip, shift))  # what train writes for these params
     monkeypatch.chdir(work)
     evaluate_main()
     capsys.readouterr()
@@ -107,25 +93,28 @@ def test_predict_agrees_with_evaluate_under_every_tta_setting(
     records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     expected = pd.read_csv("plots/confusion.csv")["predicted"].tolist()
     assert [r["top_k"][0]["class"] for r in records] == expected
-    classifier = load_classifier(MODEL_PATH)
-    assert classifier.flip_tta is flip and classifier.tta_shift == shift
+    classifier = load_keras_classifier(MODEL_PATH)
+    assert classifier.views == Views(flip, shift)
     x = np.load("data/prepared/x_test.npy")
     plain = classifier.model.predict(x, verbose=0)
     tta = flip or shift > 0
     assert np.allclose(classifier.predict_proba(x, 64), plain, atol=1e-6) is not tta  # TTA really differs
 
 
-def test_predict_npy_and_text_output(trained: Path) -> None:
-    x = np.load(trained / "data/prepared/x_test.npy")[:2]
-    np.save(trained / "two.npy", np.round(x * 255).astype(np.uint8))
-    np.save(trained / "one.npy", x[0])
-    result = run_module("stages.predict", "two.npy", "one.npy", cwd=trained)
+@pytest.mark.pipeline
+def test_predict_npy_and_text_output(tiny_run: Path, tmp_path: Path) -> None:
+    x = np.load(tiny_run / "data/prepared/x_test.npy")[:2]
+    (tmp_path / "data").symlink_to(tiny_run / "data")
+    np.save(tmp_path / "two.npy", np.round(x * 255).astype(np.uint8))
+    np.save(tmp_path / "one.npy", x[0])
+    result = run_module("stages.predict", "two.npy", "one.npy", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert [line.split(":")[0] for line in lines] == ["two.npy[0]", "two.npy[1]", "one.npy[0]"]
     assert lines[0].split(": ")[1] == lines[2].split(": ")[1]  # same image, uint8 or float
 
 
+@pytest.mark.pipeline
 @pytest.mark.parametrize(
     ("setup", "args", "message"),
     [
@@ -185,9 +174,9 @@ def test_predict_npy_and_text_output(trained: Path) -> None:
         "wrong-model-shape",
     ],
 )
-def test_predict_bad_input_is_one_line(trained: Path, tmp_path: Path, setup, args: list[str], message: str) -> None:
+def test_predict_bad_input_is_one_line(tiny_run: Path, tmp_path: Path, setup, args: list[str], message: str) -> None:
     for link in ("pngs", "data"):
-        (tmp_path / link).symlink_to(trained / link)
+        (tmp_path / link).symlink_to(tiny_run / link)
     setup(tmp_path)
     result = run_module("stages.predict", *args, cwd=tmp_path)
     assert result.returncode == 1
@@ -196,8 +185,9 @@ def test_predict_bad_input_is_one_line(trained: Path, tmp_path: Path, setup, arg
     assert len(result.stderr.splitlines()) == 1 and "Traceback" not in result.stderr
 
 
-def test_predict_debug_shows_traceback(trained: Path) -> None:
-    result = run_module("stages.predict", "nope.png", "--debug", cwd=trained)
+@pytest.mark.pipeline
+def test_predict_debug_shows_traceback(tiny_run: Path) -> None:
+    result = run_module("stages.predict", "nope.png", "--debug", cwd=tiny_run)
     assert result.returncode == 1 and "Traceback" in result.stderr and "WardrobeError" in result.stderr
 
 

@@ -136,6 +136,7 @@ def test_fetch_failure_names_every_source(tmp_path: Path, params_dict: dict) -> 
     assert "\n" not in message
 
 
+@pytest.mark.pipeline
 def test_prepare_main_writes_split_arrays(tmp_path: Path, params_dict: dict) -> None:
     write_params(tmp_path, params_dict)
     result = run_module("stages.prepare", cwd=tmp_path)
@@ -154,6 +155,7 @@ def test_prepare_main_writes_split_arrays(tmp_path: Path, params_dict: dict) -> 
     assert np.bincount(y_val).tolist() == [3] * 10
 
 
+@pytest.mark.pipeline
 def test_prepare_failure_keeps_previous_output(tmp_path: Path, params_dict: dict) -> None:
     write_params(tmp_path, params_dict)
     assert run_module("stages.prepare", cwd=tmp_path).returncode == 0
@@ -195,5 +197,6 @@ def test_download_from_a_mirror_gives_the_same_arrays_as_a_local_directory(
     local = load_dataset(_params(params_dict, [str(directory)]))
     assert sorted(requested) == sorted(f"/{name}.gz" for name in IDX_FILES)
     assert downloaded.keys() == local.keys()
-    for name, array in local.items():
-        np.testing.assert_array_equal(downloaded[name], array, err_msg=name)
+    for split, arrays in local.items():
+        for got, want in zip(downloaded[split], arrays, strict=True):
+            np.testing.assert_array_equal(got, want, err_msg=split)

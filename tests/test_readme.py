@@ -34,12 +34,15 @@ import pytest
 import yaml
 from PIL import Image
 
-from stages.common import CLASS_NAMES, load_model
+from stages.common import CLASS_NAMES
+from stages.modelfile import load_model
 from stages.outputs import METRICS_PATH, MODEL_PATH, ONNX_PATH
 from tests.conftest import REPO, TEST_PER_CLASS, committed_params, make_project, sh, synthetic_images, write_idx_dir
 
 SECTIONS = ("Experiments", "Validation and CI", "The model as an artifact", "Predict on your own images")
 GITHUB_URL = "https://github.com/ORG/wardrobe"  # the README's placeholder; here: a local bare repo
+
+pytestmark = pytest.mark.pipeline  # every test here runs dvc, git or the stages in subprocesses
 
 
 @dataclass(frozen=True)

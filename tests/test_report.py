@@ -88,20 +88,38 @@ def test_the_report_shows_both_revisions_and_the_environment_change(tmp_path: Pa
     confusion = pd.read_csv(tmp_path / CONFUSION_CSV)
     confusion.loc[confusion.index[:3], "predicted"] = CLASS_NAMES[0]  # three more mistakes at head
     confusion.to_csv(tmp_path / CONFUSION_CSV, index=False)
-    run = subprocess.run(
-        [sys.executable, "-m", "stages.report", "--base", "main"],
-        cwd=tmp_path,
-        env=module_env(),
-        capture_output=True,
-        text=True,
+    # The gate's verdict as `validate --verdict` writes it (one problem per line; tests/test_validate.py):
+    drop = (
+        "metrics/metrics.json: accuracy fell 0.0027 against main (0.9398 -> 0.9371), more than validate.max_drop 0.001"
     )
+    (tmp_path / "validation.txt").write_text(f"{drop}\nplots/predictions.png: declared output is missing\n")
+
+    def report(*gate: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "stages.report", "--base", "main", *gate],
+            cwd=tmp_path,
+            env=module_env(),
+            capture_output=True,
+            text=True,
+        )
+
+    missing = report("--gate", "nothing.txt")
+    assert (missing.returncode, missing.stderr) == (
+        1,
+        "error: nothing.txt: no verdict; run `python -m stages.validate --verdict nothing.txt` first\n",
+    )
+    assert report().returncode == 0
+    assert "; validation gate: not run; " in (tmp_path / "report.md").read_text().splitlines()[2]
+    run = report("--gate", "validation.txt")
     assert run.returncode == 0, run.stderr
-    report = (tmp_path / "report.md").read_text()
-    lines = report.splitlines()
+    report_md = (tmp_path / "report.md").read_text()
+    lines = report_md.splitlines()
     assert lines[0] == "# wardrobe report (against `main`)"
-    assert lines[2].startswith("**Test accuracy 0.9398 → 0.9371 (-0.27 points)**; validation gate: **failed**: ")
-    assert lines[2].endswith("biggest class change: Shirt F1 0.815 → 0.790 (-0.025).")
-    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
+    assert lines[2] == (
+        f"**Test accuracy 0.9398 → 0.9371 (-0.27 points)**; validation gate: **failed**: {drop} (+1 more); "
+        "biggest class change: Shirt F1 0.815 → 0.790 (-0.025)."
+    )
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report_md)
     assert images == [
         "report_images/accuracy.png",
         "report_images/loss.png",

@@ -15,6 +15,8 @@ import pytest
 
 from tests.conftest import free_port, make_project, repro, sh, tiny_params
 
+pytestmark = pytest.mark.pipeline  # every test here runs dvc, git or the stages in subprocesses
+
 
 @pytest.fixture(scope="module")
 def s3_endpoint() -> Iterator[str]:

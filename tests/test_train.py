@@ -13,11 +13,12 @@ import pandas as pd
 import pytest
 import tensorflow as tf
 
-from stages.common import FLIP_TTA_KEY, SHIFT_TTA_KEY, WardrobeError, enable_determinism, load_model
+from stages.common import WardrobeError, enable_determinism
+from stages.modelfile import FLIP_KEY, SHIFT_KEY, Views, load_model, save_model
 from stages.outputs import HISTORY_COLUMNS
 from stages.params import parse_params
 from stages.prepare import normalize
-from stages.train import dtype_policy, fit, make_dataset, save_model
+from stages.train import dtype_policy, fit, make_dataset
 from tests.conftest import REPO, module_env, synthetic_images
 
 
@@ -194,12 +195,12 @@ def test_fit_is_deterministic(tmp_path: Path, data, params, overrides: dict) -> 
         np.testing.assert_array_equal(a, b)
     assert (tmp_path / "a.csv").read_text() == (tmp_path / "b.csv").read_text()
     # Equal models, equal files: no save time, no memory addresses, no clock in the zip.
-    save_model(first, tmp_path / "a.keras", flip_tta=False)
-    save_model(second, tmp_path / "b.keras", flip_tta=False)
+    save_model(first, tmp_path / "a.keras", Views(False))
+    save_model(second, tmp_path / "b.keras", Views(False))
     assert (tmp_path / "a.keras").read_bytes() == (tmp_path / "b.keras").read_bytes()
     with zipfile.ZipFile(tmp_path / "a.keras") as archive:  # saved in the same second, so check these
         metadata = json.loads(archive.read("metadata.json"))
-        assert metadata == {"keras_version": keras.__version__, FLIP_TTA_KEY: False, SHIFT_TTA_KEY: 0}
+        assert metadata == {"keras_version": keras.__version__, FLIP_KEY: False, SHIFT_KEY: 0}
         assert {info.date_time for info in archive.infolist()} == {(1980, 1, 1, 0, 0, 0)}
     np.testing.assert_array_equal(
         load_model(tmp_path / "a.keras").predict(data[1][0], verbose=0), first.predict(data[1][0], verbose=0)
@@ -225,6 +226,7 @@ def test_precision_policy_is_restored_and_output_stays_float32(tmp_path: Path, d
     assert keras.mixed_precision.global_policy().name == "float32"
 
 
+@pytest.mark.pipeline
 def test_fit_leaves_op_determinism_to_the_entry_point(tmp_path: Path) -> None:
     """A library caller (bench, a notebook) of fit() does not silently get deterministic, slower ops
     for the rest of its process; `python -m stages.train` turns them on (main)."""

@@ -14,6 +14,8 @@ import yaml
 
 from tests.conftest import make_project, repro, sh, tiny_params, write_params
 
+pytestmark = pytest.mark.pipeline  # every test here runs dvc, git or the stages in subprocesses
+
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory, idx_source: tuple[Path, dict[str, str]]) -> tuple[Path, dict]:
@@ -85,19 +87,26 @@ def _high_gate(repo: Path) -> None:
 )
 def test_validate_fails_with_one_line_per_problem(clean: Path, breakage, messages: list[str]) -> None:
     breakage(clean)
-    result = validate(clean)
+    result = validate(clean, "--verdict", "verdict.txt")
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     for message in messages:
         assert any(message in line for line in lines), (message, lines)
     assert all(line.startswith("error: ") for line in lines)
+    # The verdict the report states: the same problems, one per line.
+    assert (clean / "verdict.txt").read_text().splitlines() == [line.removeprefix("error: ") for line in lines]
+    (clean / "verdict.txt").unlink()
 
 
-def test_make_ci_fails_on_threshold_miss(clean: Path) -> None:
+def test_make_ci_runs_the_gate_once_and_reports_its_failure(clean: Path) -> None:
     _high_gate(clean)
     result = sh(clean, "make", "ci-steps", check=False)
     assert result.returncode != 0
-    assert "is below validate.min_accuracy 0.999" in result.stderr
+    assert result.stderr.count("is below validate.min_accuracy 0.999") == 1  # validate ran once
+    headline = (clean / "report.md").read_text().splitlines()[2]
+    assert "; validation gate: **failed**: metrics/metrics.json: accuracy " in headline
+    assert "is below validate.min_accuracy 0.999" in headline
+    assert "is below validate.min_accuracy 0.999" in (clean / "validation.txt").read_text()
 
 
 def test_validate_against_revision_catches_a_drop(clean: Path) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.common import enable_determinism, load_split
+from stages.common import enable_determinism, load_split, read_dataset
 from stages.modelfile import Views, shifted
 from stages.outputs import PREPARED_DIR
 from stages.params import TrainParams, load_section
@@ -42,7 +42,7 @@ def run_variant(base: TrainParams, overrides: dict, data: dict, probs_path: Path
     params = dataclasses.replace(base, **{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        model = fit(params, data["train"], data["val"], Path(tmp) / "h.csv", verbose=0)
+        model = fit(params, data["train"], data["val"], Path(tmp) / "h.csv", data["classes"], verbose=0)
         seconds = time.perf_counter() - start
         history = (Path(tmp) / "h.csv").read_text()
     result = {"overrides": overrides, "train_s": round(seconds, 1), "params": model.count_params()}
@@ -68,6 +68,7 @@ def main() -> None:
     enable_determinism()  # the numbers must be reproducible, as in the pipeline
     base = load_section(TrainParams)
     data = {split: load_split(PREPARED_DIR, split) for split in ("train", "val", "test")}
+    data["classes"] = len(read_dataset(PREPARED_DIR).class_names)
     for spec in sys.argv[2:]:
         probs_path = out.with_name(f"{out.stem}-{time.strftime('%Y%m%dT%H%M%S')}.npz")
         result = run_variant(base, json.loads(spec), data, probs_path)

@@ -65,7 +65,7 @@ def time_steps(recipe: str, steps: int, determinism: bool, jit: bool, overrides:
     import keras
     import yaml
 
-    from stages.common import enable_determinism, load_split
+    from stages.common import enable_determinism, load_split, read_dataset
     from stages.model import build_model
     from stages.outputs import PREPARED_DIR
     from stages.params import compose, parse_params
@@ -77,9 +77,10 @@ def time_steps(recipe: str, steps: int, determinism: bool, jit: bool, overrides:
     params = dataclasses.replace(params, epochs=3)
     x, y = load_split(PREPARED_DIR, "train")
     count = params.batch_size * steps
-    one_hot = params.label_smoothing > 0  # as train.fit: the smoothed loss takes one-hot labels
+    classes = len(read_dataset(PREPARED_DIR).class_names)
+    one_hot = classes if params.label_smoothing > 0 else None  # as train.fit: smoothing takes one-hot labels
     dataset = make_dataset(x[:count], y[:count], params.batch_size, shuffle_seed=params.seed, one_hot=one_hot)
-    model = build_model(params)
+    model = build_model(params, x.shape[1:], classes)
     compile_model(model, params, steps_per_epoch=steps)
     model.compile(optimizer=model.optimizer, loss=model.loss, metrics=["accuracy"], jit_compile=jit)
     seconds: list[float] = []

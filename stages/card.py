@@ -1,7 +1,7 @@
 """card: metrics/model_card.md, the model card of this run, for whoever gets the artifact.
 
-Every number in it is read from the run's own files (params.yaml, the prepared splits, the model
-file's metadata, metrics/*.json, plots/*.csv), so it cannot disagree with them; no dates, so the
+Every number in it is read from the run's own files (params.yaml, the prepared data's record, the
+model file's record, metrics/*.json, plots/*.csv), so it cannot disagree with them; no dates, so the
 same run writes the same bytes. It needs neither TensorFlow nor ONNX Runtime, so it is cheap to
 re-run when only its wording changes.
 """
@@ -12,21 +12,20 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import yaml
 
 from stages.common import (
-    SPLITS,
+    DatasetInfo,
     WardrobeError,
     markdown_table,
     read_csv,
+    read_dataset,
     read_json,
     run_main,
-    split_paths,
     write_text_atomic,
 )
-from stages.modelfile import Views, read_views
+from stages.modelfile import ModelRecord, read_record
 from stages.outputs import (
     CONFUSION_CSV,
     ENVIRONMENT_JSON,
@@ -45,7 +44,7 @@ from stages.outputs import (
     SERVING_VERSION,
     mistake_counts,
 )
-from stages.params import PARAMS_FILE, PrepareParams, TrainParams, load_section
+from stages.params import PARAMS_FILE, DataParams, PrepareParams, TrainParams, load_section
 
 ARTIFACT = "fashion-classifier"
 TEMPLATE = Path(__file__).with_name("card.md")  # str.format fields: render's `fields`
@@ -56,12 +55,13 @@ TOP_CONFUSIONS = 5
 class Run:
     """Everything the card states, as read from the run's files."""
 
+    data: DataParams
     prepare: PrepareParams
     train: TrainParams
     recipe: dict  # params.yaml's train section as written (validated as `train`)
-    split_sizes: dict[str, int]
+    dataset: DatasetInfo
     model_md5: str
-    views: Views
+    record: ModelRecord
     metrics: dict
     per_class: pd.DataFrame
     confusion: pd.DataFrame
@@ -80,20 +80,13 @@ def model_md5(path: Path) -> str:
 
 
 def read_run() -> Run:
-    prepare, train = load_section(PrepareParams), load_section(TrainParams)  # a params error first
-    sizes = {}
-    for split in SPLITS:
-        try:
-            sizes[split] = int(np.load(split_paths(PREPARED_DIR, split)[1], mmap_mode="r").shape[0])
-        except (OSError, ValueError) as exc:
-            raise WardrobeError(f"{PREPARED_DIR}: cannot read the {split} labels: {exc}") from exc
+    sections = load_section(DataParams), load_section(PrepareParams), load_section(TrainParams)  # params first
     return Run(
-        prepare=prepare,
-        train=train,
+        *sections,
         recipe=yaml.safe_load(PARAMS_FILE.read_text(encoding="utf-8"))["train"],
-        split_sizes=sizes,
+        dataset=read_dataset(PREPARED_DIR),
         model_md5=model_md5(MODEL_PATH),
-        views=read_views(MODEL_PATH),
+        record=read_record(MODEL_PATH),
         metrics=read_json(METRICS_PATH),
         per_class=read_csv(PER_CLASS_CSV),
         confusion=read_csv(CONFUSION_CSV),
@@ -129,21 +122,28 @@ def render(run: Run) -> str:
         ["format", "path", "signature / input → output", "top-1 = Keras", "max probability difference"],
         [
             ["Keras 3", f"`{MODEL_PATH}`", "`Model.predict` on `image` → probabilities; views applied by the caller "
-             "(`stages.modelfile.read_views`)", "—", "—"],
+             "(`stages.modelfile.read_record`)", "—", "—"],
             ["TensorFlow SavedModel", f"`{SAVED_MODEL_DIR}/{SERVING_VERSION}/`", f"`serving_default`: {signature}",
              f"{exp['saved_model']['top1_agreement']:.2%}", f"{exp['saved_model']['max_abs_diff']:.1e}"],
             [f"ONNX (opset {exp['onnx']['opset']})", f"`{ONNX_PATH}`", signature,
              f"{exp['onnx']['top1_agreement']:.2%}", f"{exp['onnx']['max_abs_diff']:.1e}"],
         ],
     )  # fmt: skip
-    hashes = "\n".join(f"  - `{name}`: `{digest}`" for name, digest in run.prepare.sha256.items())
+    hashes = "\n".join(f"  - `{name}`: `{digest}`" for name, digest in run.data.sha256.items())
+    record = run.record
     views = (
-        f"{len(run.views)} views (the image"
-        + (f", moved {run.views.shift} px up, down, left and right" if run.views.shift else "")
-        + (", each also mirrored left-right" if run.views.flip else "")
+        f"{len(record.views)} views (the image"
+        + (f", moved {record.views.shift} px up, down, left and right" if record.views.shift else "")
+        + (", each also mirrored left-right" if record.views.flip else "")
         + "), probabilities averaged"
     )
-    sizes = run.split_sizes
+    height, width = record.image_shape
+    photo_fit = (
+        f"resizes it to {height}×{width}"
+        if record.photo_fit == "resize"
+        else f"inverts a light background, crops to the object, scales it to fit {height}×{width} and centers it"
+    )
+    sizes = run.dataset.counts
     most_often = (
         f", most often {top_pairs.iloc[0]['actual']} as {top_pairs.iloc[0]['predicted']}" if len(top_pairs) else ""
     )
@@ -153,6 +153,12 @@ def render(run: Run) -> str:
     fields = {
         "artifact": ARTIFACT,
         "arch": run.train.arch,
+        "dataset": run.dataset.name,
+        "description": run.data.description,
+        "classes": len(record.class_names),
+        "height": height,
+        "width": width,
+        "photo_fit": photo_fit,
         "m": run.metrics,
         "sizes": sizes,
         "views": views,

@@ -1,4 +1,4 @@
-"""Things every stage shares, defined once: class names, errors, atomic writes, loading, seeding,
+"""Things every stage shares, defined once: the prepared dataset's record, errors, atomic writes, loading, seeding,
 the one-line-error entry point.
 
 Output paths and their contents are in stages/outputs.py; the model file and inference in
@@ -14,26 +14,11 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-CLASS_NAMES: tuple[str, ...] = (
-    "T-shirt/top",
-    "Trouser",
-    "Pullover",
-    "Dress",
-    "Coat",
-    "Sandal",
-    "Shirt",
-    "Sneaker",
-    "Bag",
-    "Ankle boot",
-)
-NUM_CLASSES = len(CLASS_NAMES)
-IMAGE_SHAPE = (28, 28)
-
 
 SPLITS = ("train", "val", "test")
 
@@ -47,17 +32,53 @@ def split_paths(prepared_dir: Path, split: str) -> tuple[Path, Path]:
     return prepared_dir / f"x_{split}.npy", prepared_dir / f"y_{split}.npy"
 
 
+DATASET_FILE = "dataset.json"  # beside the prepared arrays: prepare's record of what it made
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What prepare made. The class names and image shape come from here (train copies them into
+    the model file for its readers): no stage names a dataset."""
+
+    name: str
+    class_names: tuple[str, ...]
+    image_shape: tuple[int, int]
+    photo_fit: str  # how wardrobe-predict fits a photo to these images (conf/data: photo_fit)
+    counts: dict[str, int]
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "class_names": list(self.class_names), "image_shape": list(self.image_shape)}
+
+
+def read_dataset(prepared_dir: Path) -> DatasetInfo:
+    path = prepared_dir / DATASET_FILE
+    raw = read_json(path)
+    try:
+        info = DatasetInfo(
+            name=str(raw["name"]),
+            class_names=tuple(str(name) for name in raw["class_names"]),
+            image_shape=(int(raw["image_shape"][0]), int(raw["image_shape"][1])),
+            photo_fit=str(raw["photo_fit"]),
+            counts={str(k): int(v) for k, v in raw["counts"].items()},
+        )
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
+        raise WardrobeError(f"{path}: not a dataset record ({exc!r}); run `dvc repro prepare`") from None
+    return info
+
+
 def load_split(prepared_dir: Path, split: str, mmap: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Load one prepared split; `mmap` keeps the big image array on disk until it is read."""
+    shape = read_dataset(prepared_dir).image_shape
     x_path, y_path = split_paths(prepared_dir, split)
     try:
         x = np.load(x_path, mmap_mode="r" if mmap else None, allow_pickle=False)
         y = np.load(y_path, allow_pickle=False)
     except (OSError, ValueError) as exc:
         raise WardrobeError(f"{x_path.parent}: cannot load split {split!r}: {exc}") from exc
-    if x.shape[1:] != IMAGE_SHAPE or x.dtype != np.float32 or y.shape != (x.shape[0],):
+    if x.shape[1:] != shape or x.dtype != np.float32 or y.shape != (x.shape[0],):
         raise WardrobeError(
-            f"{x_path}: expected N×28×28 float32 with {x.shape[0]} labels, got {x.shape} {x.dtype} and labels {y.shape}"
+            f"{x_path}: expected N×{shape[0]}×{shape[1]} float32 with {x.shape[0]} labels, "
+            f"got {x.shape} {x.dtype} and labels {y.shape}"
         )
     return x, y
 

@@ -11,8 +11,6 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from stages.common import (
-    CLASS_NAMES,
-    NUM_CLASSES,
     atomic_path,
     load_split,
     read_csv,
@@ -40,9 +38,9 @@ from stages.outputs import (
 from stages.params import EvaluateParams, load_section
 
 
-def confusion_rows(y_true: np.ndarray, y_pred: np.ndarray) -> pd.DataFrame:
+def confusion_rows(y_true: np.ndarray, y_pred: np.ndarray, class_names: tuple[str, ...]) -> pd.DataFrame:
     """One row per test image, class names, for DVC's `confusion` template."""
-    names = np.array(CLASS_NAMES)
+    names = np.array(class_names)
     frame = pd.DataFrame({"actual": names[y_true], "predicted": names[y_pred]})
     return frame[list(CSV_COLUMNS[CONFUSION_CSV])]
 
@@ -71,17 +69,18 @@ def plot_training_curves(history: pd.DataFrame, path: Path) -> None:
     _save_figure(fig, path)
 
 
-def plot_confusion_matrix(cm: np.ndarray, path: Path) -> None:
+def plot_confusion_matrix(cm: np.ndarray, class_names: tuple[str, ...], path: Path) -> None:
     """Row-normalized (recall per class) heatmap with the share printed in each cell."""
     shares = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
     fig = Figure(figsize=(8, 7))
     ax = fig.subplots()
     image = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(NUM_CLASSES), CLASS_NAMES, rotation=45, ha="right")
-    ax.set_yticks(range(NUM_CLASSES), CLASS_NAMES)
+    classes = len(class_names)
+    ax.set_xticks(range(classes), class_names, rotation=45, ha="right")
+    ax.set_yticks(range(classes), class_names)
     ax.set(xlabel="predicted", ylabel="actual", title="Confusion matrix (share of each actual class)")
-    for i in range(NUM_CLASSES):
-        for j in range(NUM_CLASSES):
+    for i in range(classes):
+        for j in range(classes):
             ax.text(
                 j,
                 i,
@@ -96,7 +95,9 @@ def plot_confusion_matrix(cm: np.ndarray, path: Path) -> None:
     _save_figure(fig, path)
 
 
-def plot_predictions(x: np.ndarray, y_true: np.ndarray, y_pred: np.ndarray, grid: int, path: Path) -> None:
+def plot_predictions(
+    x: np.ndarray, y_true: np.ndarray, y_pred: np.ndarray, class_names: tuple[str, ...], grid: int, path: Path
+) -> None:
     """The first grid×grid test images with predicted (true) labels; mistakes in red."""
     count = min(grid * grid, len(x))
     fig = Figure(figsize=(1.6 * grid, 1.8 * grid))
@@ -108,7 +109,7 @@ def plot_predictions(x: np.ndarray, y_true: np.ndarray, y_pred: np.ndarray, grid
         ax.imshow(x[k], cmap="gray_r", vmin=0, vmax=1)
         correct = y_pred[k] == y_true[k]
         ax.set_title(
-            f"{CLASS_NAMES[y_pred[k]]}\n({CLASS_NAMES[y_true[k]]})",
+            f"{class_names[y_pred[k]]}\n({class_names[y_true[k]]})",
             fontsize=7,
             color="tab:blue" if correct else "tab:red",
         )
@@ -126,13 +127,14 @@ def main() -> None:
     y_pred = test_probs.argmax(axis=1)
     history = read_csv(HISTORY_CSV)
 
-    metrics = compute_metrics(Predictions(test_probs, y_test, val_probs, y_val))
-    cm = confusion_matrix(y_test, y_pred)
-    write_csv(confusion_rows(y_test, y_pred), CONFUSION_CSV)
-    write_csv(per_class_scores(cm), PER_CLASS_CSV)
+    names = classifier.record.class_names
+    metrics = compute_metrics(Predictions(test_probs, y_test, val_probs, y_val, names))
+    cm = confusion_matrix(y_test, y_pred, len(names))
+    write_csv(confusion_rows(y_test, y_pred, names), CONFUSION_CSV)
+    write_csv(per_class_scores(cm, names), PER_CLASS_CSV)
     plot_training_curves(history, CURVES_PNG)
-    plot_confusion_matrix(cm, CONFUSION_PNG)
-    plot_predictions(x_test, y_test, y_pred, params.example_grid, PREDICTIONS_PNG)
+    plot_confusion_matrix(cm, names, CONFUSION_PNG)
+    plot_predictions(x_test, y_test, y_pred, names, params.example_grid, PREDICTIONS_PNG)
     write_json_atomic(METRICS_PATH, metrics)  # last: its presence means the rest is complete
     print(f"evaluate: test accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}")
 

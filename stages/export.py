@@ -4,7 +4,8 @@
   path data/export/saved_model, version 1); signature `serving_default`.
 - data/export/model.onnx: the same graph for ONNX Runtime (Keras' own exporter, which runs tf2onnx).
 
-Both take `image`, float32 N×28×28 in [0, 1], and return `probabilities`, float32 N×10. Both
+Both take `image`, float32 N×height×width in [0, 1], and return `probabilities`, float32 N×classes
+(the prepared data's shape and class count). Both
 contain the test-time augmentation the model file records (the mirrored and shifted views,
 averaged), so a served model answers what evaluate measured, with no code on the client's side.
 
@@ -22,9 +23,9 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from stages.common import IMAGE_SHAPE, NUM_CLASSES, WardrobeError, atomic_dir, atomic_path, load_split, run_main
+from stages.common import WardrobeError, atomic_dir, atomic_path, load_split, run_main
 from stages.layers import TestTimeViews
-from stages.modelfile import KerasClassifier, load_keras_classifier, load_onnx_classifier
+from stages.modelfile import KerasClassifier, ModelRecord, load_keras_classifier, load_onnx_classifier
 from stages.outputs import (
     DIGITS,
     EXPORT_JSON,
@@ -55,10 +56,11 @@ def graph_batch(views: int) -> int:
 def serving_model(classifier: KerasClassifier) -> keras.Model:
     """One graph: the views, the trained model on all of them at once, their mean probabilities."""
     views = classifier.views.offsets()
-    images = keras.Input(IMAGE_SHAPE, name=SERVING_INPUT, dtype="float32")
+    shape, classes = classifier.record.image_shape, len(classifier.record.class_names)
+    images = keras.Input(shape, name=SERVING_INPUT, dtype="float32")
     stacked = TestTimeViews(views)(images)
-    probs = classifier.model(keras.ops.reshape(stacked, (-1, *IMAGE_SHAPE)), training=False)
-    mean = keras.ops.mean(keras.ops.reshape(probs, (len(views), -1, NUM_CLASSES)), axis=0)
+    probs = classifier.model(keras.ops.reshape(stacked, (-1, *shape)), training=False)
+    mean = keras.ops.mean(keras.ops.reshape(probs, (len(views), -1, classes)), axis=0)
     return keras.Model(images, {SERVING_OUTPUT: mean}, name="serving")
 
 
@@ -79,14 +81,16 @@ def check_parity(name: str, stats: dict[str, float]) -> None:
         )
 
 
-def name_batch_dimension(path: Path) -> int:
-    """Call the ONNX graph's first input and output dimension `batch` (tf2onnx leaves `unk__N`);
-    return its opset."""
+def finish_onnx(path: Path, record: ModelRecord) -> int:
+    """Call the ONNX graph's first input and output dimension `batch` (tf2onnx leaves `unk__N`),
+    write the model file's record into its metadata (class names, photo fit, views: JSON values),
+    so the file alone is enough to predict; return its opset."""
     import onnx
 
     graph_model = onnx.load(str(path))
     for value in (*graph_model.graph.input, *graph_model.graph.output):
         value.type.tensor_type.shape.dim[0].dim_param = "batch"
+    onnx.helper.set_model_props(graph_model, {key: json.dumps(value) for key, value in record.metadata().items()})
     onnx.save(graph_model, str(path))
     return next(op.version for op in graph_model.opset_import if op.domain in ("", "ai.onnx"))
 
@@ -137,7 +141,7 @@ def main() -> None:
         with warnings.catch_warnings():  # Keras' tf2onnx patch trips a NumPy FutureWarning
             warnings.simplefilter("ignore", FutureWarning)
             model.export(str(onnx_tmp), format="onnx", verbose=False)
-        opset = name_batch_dimension(onnx_tmp)
+        opset = finish_onnx(onnx_tmp, classifier.record)
         candidates = {
             "saved_model": saved_model_probs(saved_tmp / SERVING_VERSION, x_test, graph_images),
             "onnx": load_onnx_classifier(onnx_tmp).predict_proba(x_test, graph_images),

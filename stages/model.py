@@ -5,37 +5,37 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-from stages.common import IMAGE_SHAPE, NUM_CLASSES
 from stages.layers import FusedBatchNormalization
 from stages.params import TrainParams
 
 
-def build_model(params: TrainParams) -> keras.Model:
-    """Return an uncompiled model mapping N×28×28 floats in [0, 1] to class probabilities.
+def build_model(params: TrainParams, image_shape: tuple[int, int], num_classes: int) -> keras.Model:
+    """Return an uncompiled model mapping N×height×width floats in [0, 1] to the probabilities of
+    num_classes classes (the prepared data's shape and class count: common.DatasetInfo).
 
     Flips and shifts are applied to whole batches by the input pipeline (train.augment_batch),
     not by per-image Keras layers (they cost ~40 % of an epoch on the Intel kind, issue #23). Random erasing
     stays a layer (it runs only in training), so the saved model predicts on clean images.
     """
-    inputs = keras.Input(shape=IMAGE_SHAPE, name="image")
+    inputs = keras.Input(shape=image_shape, name="image")
     x = inputs
     if params.augment_erase:
-        x = keras.layers.Reshape((*IMAGE_SHAPE, 1))(x)
+        x = keras.layers.Reshape((*image_shape, 1))(x)
         x = keras.layers.RandomErasing(factor=params.augment_erase, scale=(0.02, 0.25), seed=params.seed)(x)
-        x = keras.layers.Reshape(IMAGE_SHAPE)(x)
+        x = keras.layers.Reshape(image_shape)(x)
     if params.arch == "mlp":
         # The original script, layer for layer.
         x = keras.layers.Flatten()(x)
         x = keras.layers.Dense(params.dense_units, activation="relu")(x)
         x = keras.layers.Dropout(params.dropout, seed=params.seed)(x)
     else:
-        x = _conv_trunk(x, params)
+        x = _conv_trunk(x, params, image_shape)
     # float32 output whatever the compute precision: softmax in bfloat16 loses too much.
-    outputs = keras.layers.Dense(NUM_CLASSES, activation="softmax", name="probabilities", dtype="float32")(x)
+    outputs = keras.layers.Dense(num_classes, activation="softmax", name="probabilities", dtype="float32")(x)
     return keras.Model(inputs, outputs, name=params.arch)
 
 
-def _conv_trunk(x: keras.KerasTensor, params: TrainParams) -> keras.KerasTensor:
+def _conv_trunk(x: keras.KerasTensor, params: TrainParams, image_shape: tuple[int, int]) -> keras.KerasTensor:
     """Blocks of 3×3 convs with BatchNorm and ReLU, each halving the resolution once.
 
     pool_first (the CIFAR-10 speed-run block): conv → pool → BN → ReLU, then the block's other
@@ -43,7 +43,7 @@ def _conv_trunk(x: keras.KerasTensor, params: TrainParams) -> keras.KerasTensor:
     Otherwise (conv → BN → ReLU) × n, then pool.
     """
     assert params.filters and params.convs_per_block and params.bn_momentum, "the schema requires them for cnn"
-    x = keras.layers.Reshape((*IMAGE_SHAPE, 1))(x)
+    x = keras.layers.Reshape((*image_shape, 1))(x)
     for filters, convs in zip(params.filters, params.convs_per_block, strict=True):
         for index in range(convs):
             x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False)(x)

@@ -1,8 +1,10 @@
-"""The model file and inference, defined once: what train saves, the test-time views the file
-records, and the two classifiers (Keras and the exported ONNX graph) every reader predicts with.
+"""The model file and inference, defined once: what train saves, what the file records beside the
+weights (the test-time views, the class names and image shape, how to fit a photo), and the two
+classifiers (Keras and the exported ONNX graph) every reader predicts with.
 
-evaluate, export, predict, the card and the benchmarks all read the views through `read_views`,
-so they apply the same ones, whatever the file (one from before the views were recorded included).
+evaluate, export, predict, the card and the benchmarks all read it through `read_record`, so they
+apply the same views and name the same classes, whatever the file. The exported ONNX graph carries
+the same record in its metadata (export.finish_onnx), so predict needs nothing else beside it.
 TensorFlow, Keras and ONNX Runtime are imported where used: predict's TensorFlow-free install
 (`make venv-serve`) imports this module for the ONNX classifier.
 """
@@ -17,11 +19,16 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from stages.common import IMAGE_SHAPE, NUM_CLASSES, WardrobeError
+from stages.common import DatasetInfo, WardrobeError
 
-# The test-time views in the model file's metadata.json (save_model writes them).
+# The record in the model file's metadata.json (save_model writes it) and in the ONNX graph's
+# metadata_props (export writes it, JSON-encoded values).
 FLIP_KEY = "wardrobe_flip_tta"
 SHIFT_KEY = "wardrobe_tta_shift"
+CLASSES_KEY = "wardrobe_class_names"
+PHOTO_FIT_KEY = "wardrobe_photo_fit"
+DATASET_KEY = "wardrobe_dataset"
+SHAPE_KEY = "wardrobe_image_shape"
 
 
 @dataclass(frozen=True)
@@ -50,40 +57,73 @@ def decide_flip(trained_with_flips: bool, setting: str) -> bool:
     return trained_with_flips if setting == "auto" else setting == "always"
 
 
-def _has_class(config: Any, class_name: str) -> bool:
-    if isinstance(config, dict):
-        return config.get("class_name") == class_name or any(_has_class(v, class_name) for v in config.values())
-    if isinstance(config, list):
-        return any(_has_class(v, class_name) for v in config)
-    return False
+@dataclass(frozen=True)
+class ModelRecord:
+    """What a model file records beside its weights: how to predict with it and what it answers."""
+
+    views: Views
+    class_names: tuple[str, ...]
+    image_shape: tuple[int, int]
+    photo_fit: str  # how wardrobe-predict fits a photo to the training images (conf/data: photo_fit)
+    dataset: str
+
+    def metadata(self) -> dict[str, Any]:
+        return {
+            FLIP_KEY: self.views.flip,
+            SHIFT_KEY: self.views.shift,
+            CLASSES_KEY: list(self.class_names),
+            SHAPE_KEY: list(self.image_shape),
+            PHOTO_FIT_KEY: self.photo_fit,
+            DATASET_KEY: self.dataset,
+        }
 
 
-def read_views(path: Path) -> Views:
-    """The views `path` records; the one reader, with no TensorFlow.
+def parse_record(metadata: dict[str, Any], where: Path) -> ModelRecord:
+    """The record from a file's metadata; a file without one (saved by a wardrobe from before the
+    dataset was a params choice) is refused: its classes are unknown."""
+    classes, shape, flip = metadata.get(CLASSES_KEY), metadata.get(SHAPE_KEY), metadata.get(FLIP_KEY)
+    if (
+        not isinstance(classes, list)
+        or len(classes) < 2
+        or not all(isinstance(c, str) for c in classes)
+        or not isinstance(shape, list)
+        or len(shape) != 2
+        or not all(isinstance(d, int) and d > 0 for d in shape)
+        or not isinstance(flip, bool)
+    ):
+        raise WardrobeError(
+            f"{where}: the model file records no class names, image shape or views "
+            "(saved by an older wardrobe); retrain it with `dvc repro train`"
+        )
+    return ModelRecord(
+        Views(flip, int(metadata.get(SHIFT_KEY, 0))),
+        tuple(classes),
+        (shape[0], shape[1]),
+        str(metadata.get(PHOTO_FIT_KEY, "resize")),
+        str(metadata.get(DATASET_KEY, "")),
+    )
 
-    A file from before train recorded the flip decision gets the `auto` rule: those models were
-    trained with flips exactly when they hold a RandomFlip layer (flips were a layer then).
-    """
+
+def read_record(path: Path) -> ModelRecord:
+    """What `path` records; the one reader of a Keras model file's record, with no TensorFlow."""
     try:
         with zipfile.ZipFile(path) as archive:
             metadata = json.loads(archive.read("metadata.json"))
-            flip = metadata.get(FLIP_KEY)
-            if flip is None:
-                flip = decide_flip(_has_class(json.loads(archive.read("config.json")), "RandomFlip"), "auto")
     except FileNotFoundError:
         raise WardrobeError(f"{path}: model file not found; run the train stage first") from None
     except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
         raise WardrobeError(f"{path}: cannot read the model's metadata: {' '.join(str(exc).split())[:200]}") from exc
-    return Views(bool(flip), int(metadata.get(SHIFT_KEY, 0)))
+    return parse_record(metadata, path)
 
 
-def save_model(model: Any, path: Path, views: Views) -> None:
+def save_model(model: Any, path: Path, views: Views, dataset: DatasetInfo) -> None:
     """model.save, minus what makes equal models differ in bytes, so DVC's hash of it is stable,
-    plus the views every reader of the file must apply (read_views).
+    plus the record every reader of the file needs (read_record): views, class names, photo fit.
 
     Keras writes the save time into metadata.json, numbers shared objects in config.json by
     their memory address, and dates zip entries with the clock; the weights are already exact.
     """
+    record = ModelRecord(views, dataset.class_names, dataset.image_shape, dataset.photo_fit, dataset.name)
     model.save(path)
     with zipfile.ZipFile(path) as archive:
         entries = [(info, archive.read(info)) for info in archive.infolist()]
@@ -91,7 +131,7 @@ def save_model(model: Any, path: Path, views: Views) -> None:
         for info, data in entries:
             if info.filename == "metadata.json":
                 metadata = {k: v for k, v in json.loads(data).items() if k != "date_saved"}
-                data = json.dumps({**metadata, FLIP_KEY: views.flip, SHIFT_KEY: views.shift}).encode()
+                data = json.dumps({**metadata, **record.metadata()}).encode()
             elif info.filename == "config.json":
                 data = json.dumps(renumber_shared_objects(json.loads(data), {})).encode()
             archive.writestr(zipfile.ZipInfo(info.filename), data, compress_type=info.compress_type)
@@ -111,21 +151,23 @@ def renumber_shared_objects(config: Any, numbers: dict[int, int]) -> Any:
     return config
 
 
-def load_model(path: Path) -> Any:
-    """Load a saved Keras model safely (no code from the file) and check it maps 28×28 to 10 classes."""
+def load_model(path: Path, record: ModelRecord | None = None) -> Any:
+    """Load a saved Keras model safely (no code from the file) and check it maps N×height×width
+    images to the classes its file records."""
     import keras
 
     import stages.layers  # noqa: F401  (registers the project's layers for deserialization)
 
-    if not path.is_file():
-        raise WardrobeError(f"{path}: model file not found; run the train stage first")
+    record = record or read_record(path)
     try:
         model = keras.models.load_model(path, safe_mode=True)
     except Exception as exc:  # Keras raises many types for a corrupt archive
         raise WardrobeError(f"{path}: cannot load model: {' '.join(str(exc).split())[:200]}") from exc
-    if tuple(model.input_shape[1:]) != IMAGE_SHAPE or tuple(model.output_shape[1:]) != (NUM_CLASSES,):
+    classes = len(record.class_names)
+    if tuple(model.input_shape[1:]) != record.image_shape or tuple(model.output_shape[1:]) != (classes,):
         raise WardrobeError(
-            f"{path}: model maps {model.input_shape[1:]} to {model.output_shape[1:]}, expected 28×28 to 10 classes"
+            f"{path}: model maps {model.input_shape[1:]} to {model.output_shape[1:]}, "
+            f"but its file records {record.image_shape} images of {classes} classes"
         )
     return model
 
@@ -154,29 +196,38 @@ def predict_proba(model: Any, x: np.ndarray, batch_size: int, views: Views) -> n
 
 
 class Classifier(Protocol):
+    record: ModelRecord
+
     def predict_proba(self, x: np.ndarray, batch_size: int) -> np.ndarray: ...
 
 
 @dataclass(frozen=True)
 class KerasClassifier:
-    """A saved Keras model and the views its file records."""
+    """A saved Keras model and what its file records."""
 
     model: Any
-    views: Views
+    record: ModelRecord
+
+    @property
+    def views(self) -> Views:
+        return self.record.views
 
     def predict_proba(self, x: np.ndarray, batch_size: int) -> np.ndarray:
-        return predict_proba(self.model, x, batch_size, self.views)
+        return predict_proba(self.model, x, batch_size, self.record.views)
 
 
 def load_keras_classifier(path: Path) -> KerasClassifier:
-    return KerasClassifier(load_model(path), read_views(path))
+    record = read_record(path)
+    return KerasClassifier(load_model(path, record), record)
 
 
 @dataclass(frozen=True)
 class OnnxClassifier:
-    """The exported ONNX graph: the views are inside it, so this is the whole model."""
+    """The exported ONNX graph: the views are inside it and the record in its metadata, so this
+    is the whole model."""
 
     session: Any  # onnxruntime.InferenceSession
+    record: ModelRecord
 
     def predict_proba(self, x: np.ndarray, batch_size: int) -> np.ndarray:
         name = self.session.get_inputs()[0].name
@@ -185,7 +236,8 @@ class OnnxClassifier:
 
 
 def load_onnx_classifier(path: Path) -> OnnxClassifier:
-    """Open an exported model with ONNX Runtime and check it maps N×28×28 floats to 10 classes."""
+    """Open an exported model with ONNX Runtime; check it maps N×height×width floats to the
+    classes its metadata records."""
     if not path.is_file():
         raise WardrobeError(f"{path}: ONNX model not found; run `dvc repro export` (or dvc pull) first")
     try:
@@ -198,16 +250,23 @@ def load_onnx_classifier(path: Path) -> OnnxClassifier:
         session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # ONNX Runtime raises its own types for corrupt or invalid files
         raise WardrobeError(f"{path}: cannot load ONNX model: {' '.join(str(exc).split())[:200]}") from exc
+    try:
+        metadata = {k: json.loads(v) for k, v in session.get_modelmeta().custom_metadata_map.items()}
+    except ValueError as exc:
+        raise WardrobeError(f"{path}: unreadable metadata: {exc}") from None
+    record = parse_record(metadata, path)
     inputs, outputs = session.get_inputs(), session.get_outputs()
+    classes = len(record.class_names)
     if (
         len(inputs) != 1
         or inputs[0].type != "tensor(float)"
-        or list(inputs[0].shape[1:]) != list(IMAGE_SHAPE)
+        or list(inputs[0].shape[1:]) != list(record.image_shape)
         or len(outputs) != 1
-        or list(outputs[0].shape[1:]) != [NUM_CLASSES]
+        or list(outputs[0].shape[1:]) != [classes]
     ):
         found = (
             ", ".join(f"{i.name} {i.type} {i.shape}" for i in inputs) + " → " + ", ".join(str(o.shape) for o in outputs)
         )
-        raise WardrobeError(f"{path}: ONNX model maps {found}, expected float N×28×28 to N×10")
-    return OnnxClassifier(session)
+        height, width = record.image_shape
+        raise WardrobeError(f"{path}: ONNX model maps {found}, expected float N×{height}×{width} to N×{classes}")
+    return OnnxClassifier(session, record)

@@ -19,8 +19,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from stages.common import CLASS_NAMES, NUM_CLASSES
-
 if TYPE_CHECKING:  # imported where used: predict's TensorFlow-free install has no pandas
     import pandas as pd
 
@@ -87,15 +85,18 @@ DIGITS = 6  # metrics and CSV floats are rounded to this many decimals
 
 @dataclass(frozen=True)
 class Predictions:
-    """What the metrics are computed from: class probabilities and true labels of both splits."""
+    """What the metrics are computed from: class probabilities and true labels of both splits,
+    and the names of the classes (the probabilities' columns)."""
 
     test_probs: np.ndarray
     y_test: np.ndarray
     val_probs: np.ndarray
     y_val: np.ndarray
+    class_names: tuple[str, ...]
 
     def per_class(self) -> pd.DataFrame:
-        return per_class_scores(confusion_matrix(self.y_test, self.test_probs.argmax(axis=1)))
+        cm = confusion_matrix(self.y_test, self.test_probs.argmax(axis=1), len(self.class_names))
+        return per_class_scores(cm, self.class_names)
 
 
 @dataclass(frozen=True)
@@ -125,13 +126,13 @@ HEADLINE_METRICS: dict[str, Metric] = {
 }
 
 
-def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
+def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, classes: int) -> np.ndarray:
     """Rows: actual class, columns: predicted class."""
-    pairs = y_true.astype(np.int64) * NUM_CLASSES + y_pred.astype(np.int64)
-    return np.bincount(pairs, minlength=NUM_CLASSES**2).reshape(NUM_CLASSES, NUM_CLASSES)
+    pairs = y_true.astype(np.int64) * classes + y_pred.astype(np.int64)
+    return np.bincount(pairs, minlength=classes**2).reshape(classes, classes)
 
 
-def per_class_scores(cm: np.ndarray) -> pd.DataFrame:
+def per_class_scores(cm: np.ndarray, class_names: tuple[str, ...]) -> pd.DataFrame:
     """Precision, recall, F1 and support per class; 0 where a class is never predicted/present."""
     true_pos = np.diag(cm).astype(np.float64)
     predicted, support = cm.sum(axis=0), cm.sum(axis=1)
@@ -141,7 +142,7 @@ def per_class_scores(cm: np.ndarray) -> pd.DataFrame:
     f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(true_pos), where=denom > 0)
     import pandas as pd
 
-    frame = pd.DataFrame({"class": CLASS_NAMES, "precision": precision, "recall": recall, "f1": f1, "support": support})
+    frame = pd.DataFrame({"class": class_names, "precision": precision, "recall": recall, "f1": f1, "support": support})
     return frame[list(CSV_COLUMNS[PER_CLASS_CSV])]
 
 

@@ -25,13 +25,6 @@ from stages.common import WardrobeError, run_main, write_text_atomic
 
 PARAMS_FILE = Path("params.yaml")
 CONF_DIR = Path("conf")
-# The dataset's IDX files, (images, labels) per file set: `prepare.sha256` pins each by name.
-IDX_SETS: dict[str, tuple[str, str]] = {
-    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-    "t10k": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
-}
-IDX_FILES = tuple(name for pair in IDX_SETS.values() for name in pair)
-
 Check = tuple[Callable[[Any], bool], str]
 
 
@@ -48,17 +41,45 @@ NON_EMPTY = _rule(lambda v: len(v) > 0, "must not be empty")
 POSITIVE_INTS = _rule(lambda v: len(v) > 0 and all(f > 0 for f in v), "must be positive ints")
 
 
+# The sets of a dataset: `train` (validation is split from it) and `test` (held out).
+DATA_SETS = ("train", "test")
+
+
 @dataclass(frozen=True)
-class PrepareParams:
+class DataParams:
+    """The dataset (conf/data/NAME.yaml): what prepare reads and records; no stage names one."""
+
+    name: str = field(metadata=NON_EMPTY)
+    description: str
+    format: Literal["idx"]
+    # Each set's IDX files, images then labels.
+    files: dict[str, tuple[str, ...]]
     # Ordered: local directories (holding NAME.gz or NAME), then https:// mirrors (NAME.gz).
     sources: tuple[str, ...] = field(metadata=NON_EMPTY)
     # SHA-256 of each *decompressed* IDX file; recompressed .gz copies still verify.
-    sha256: dict[str, str] = field(
-        metadata=_rule(
-            lambda v: sorted(v) == sorted(IDX_FILES) and all(len(h) == 64 for h in v.values()),
-            f"must map exactly {', '.join(IDX_FILES)} to 64-hex-digit hashes",
-        )
-    )
+    sha256: dict[str, str]
+    # Label i is class_names[i].
+    class_names: tuple[str, ...]
+    # wardrobe-predict: object = invert a light background and crop to the object; resize = plain.
+    photo_fit: Literal["object", "resize"]
+
+    def __post_init__(self) -> None:
+        if sorted(self.files) != sorted(DATA_SETS) or any(len(pair) != 2 for pair in self.files.values()):
+            raise WardrobeError(f"files: must map {' and '.join(DATA_SETS)} each to [images file, labels file]")
+        names = self.file_names()
+        if sorted(self.sha256) != sorted(names) or not all(len(h) == 64 for h in self.sha256.values()):
+            raise WardrobeError(f"sha256: must map exactly {', '.join(names)} to 64-hex-digit hashes")
+        if len(self.class_names) < 2 or len(set(self.class_names)) != len(self.class_names):
+            raise WardrobeError(f"class_names: needs at least two distinct names, got {list(self.class_names)}")
+        if any(not name.strip() for name in self.class_names):
+            raise WardrobeError("class_names: a name is empty")
+
+    def file_names(self) -> tuple[str, ...]:
+        return tuple(name for data_set in DATA_SETS for name in self.files.get(data_set, ()))
+
+
+@dataclass(frozen=True)
+class PrepareParams:
     val_fraction: float = field(metadata=FRACTION)
     seed: int = field(metadata=NON_NEGATIVE)
     download_timeout_s: float = field(metadata=POSITIVE)
@@ -160,13 +181,14 @@ class ValidateParams:
 
 @dataclass(frozen=True)
 class Params:
+    data: DataParams
     prepare: PrepareParams
     train: TrainParams
     evaluate: EvaluateParams
     validate: ValidateParams
 
 
-Section = typing.TypeVar("Section", PrepareParams, TrainParams, EvaluateParams, ValidateParams)
+Section = typing.TypeVar("Section", DataParams, PrepareParams, TrainParams, EvaluateParams, ValidateParams)
 
 
 def load_params(path: Path = PARAMS_FILE) -> Params:

@@ -8,9 +8,11 @@ Two runtimes give the same answers: keras (data/model/model.keras, TensorFlow) a
 so it starts in a fraction of the time and installs without it). auto picks onnx for a .onnx
 --model or when TensorFlow is not installed, else keras.
 
-PATHs are image files (PNG/JPEG/BMP/GIF), folders of them, or .npy arrays (N×28×28 or 28×28,
-uint8 0..255 or float 0..1). Every input is checked before any prediction: one bad file is a
-one-line error naming it, and nothing is printed for the others.
+PATHs are image files (PNG/JPEG/BMP/GIF), folders of them, or .npy arrays (N×H×W or H×W in the
+model's image shape, uint8 0..255 or float 0..1). The model file records its class names, image
+shape and how to fit a photo to it (conf/data `photo_fit`): Fashion-MNIST's `object` inverts a light
+background and crops to the garment, `resize` only resizes. Every input is checked before any
+prediction: one bad file is a one-line error naming it, and nothing is printed for the others.
 """
 
 from __future__ import annotations
@@ -25,52 +27,57 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from stages.common import CLASS_NAMES, IMAGE_SHAPE, WardrobeError, run_main
-from stages.modelfile import Classifier, load_keras_classifier, load_onnx_classifier
+from stages.common import WardrobeError, run_main
+from stages.modelfile import Classifier, ModelRecord, load_keras_classifier, load_onnx_classifier, read_record
 from stages.outputs import MODEL_PATH, ONNX_PATH
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif"}
 # Decoding is refused above this many pixels (a 64-megapixel photo), before any pixel is read.
 MAX_PIXELS = 64_000_000
-# Pixels at most this dark (0..255) count as background when finding the garment's bounding box.
+# Pixels at most this dark (0..255) count as background when finding the object's bounding box.
 BACKGROUND_LEVEL = 24
 
 
 @dataclass(frozen=True)
 class Item:
-    """One image to classify: where it came from and its 28×28 float32 pixels in [0, 1]."""
+    """One image to classify: where it came from and its H×W float32 pixels in [0, 1]."""
 
     label: str
     pixels: np.ndarray
 
 
-def to_training_format(gray: np.ndarray) -> np.ndarray:
-    """Make any grayscale picture look like Fashion-MNIST: a light garment on black, fitted to 28×28.
+def to_training_format(gray: np.ndarray, shape: tuple[int, int], photo_fit: str = "object") -> np.ndarray:
+    """Fit a grayscale picture to the training images' `shape`, as the model file says (`photo_fit`).
 
-    A light background (product photos) is inverted. The garment's bounding box is scaled so its
-    longer side fills the frame and centered, as Fashion-MNIST's own conversion did. Images that
-    already are 28×28 on a dark background are used unchanged.
+    object (Fashion-MNIST's look: a light object on black): a light background (product photos)
+    is inverted, the object's bounding box scaled so its longer side fills the frame and centered,
+    as Fashion-MNIST's own conversion did; images already of `shape` on a dark background are used
+    unchanged. resize: the whole picture resized to `shape`, nothing else.
     """
+    if photo_fit == "resize":
+        if gray.shape != shape:
+            gray = np.asarray(Image.fromarray(gray).resize(shape[::-1], Image.Resampling.LANCZOS))
+        return gray.astype(np.float32) / 255.0
     border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
     if border.mean() > 127:
         gray = 255 - gray
-    if gray.shape == IMAGE_SHAPE:
+    if gray.shape == shape:
         return gray.astype(np.float32) / 255.0
     rows, cols = np.nonzero(gray > BACKGROUND_LEVEL)
     if len(rows):
         gray = gray[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
     height, width = gray.shape
-    scale = IMAGE_SHAPE[0] / max(height, width)
+    scale = min(shape[0] / height, shape[1] / width)
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
     resized = np.asarray(Image.fromarray(gray).resize(size, Image.Resampling.LANCZOS))
-    canvas = np.zeros(IMAGE_SHAPE, dtype=np.uint8)
-    top, left = (IMAGE_SHAPE[0] - size[1]) // 2, (IMAGE_SHAPE[1] - size[0]) // 2
+    canvas = np.zeros(shape, dtype=np.uint8)
+    top, left = (shape[0] - size[1]) // 2, (shape[1] - size[0]) // 2
     canvas[top : top + size[1], left : left + size[0]] = resized
     return canvas.astype(np.float32) / 255.0
 
 
-def load_image(path: Path) -> np.ndarray:
-    """Decode one image file (first frame) to a 28×28 float array; bad files raise WardrobeError."""
+def load_image(path: Path, record: ModelRecord) -> np.ndarray:
+    """Decode one image file (first frame) to the model's image shape; bad files raise WardrobeError."""
     try:
         # PIL reads only the header at open. Its own bomb check (a warning above its
         # MAX_IMAGE_PIXELS, about 89 megapixels, made fatal here; an error above twice that) fires
@@ -96,19 +103,20 @@ def load_image(path: Path) -> np.ndarray:
         raise WardrobeError(f"{path}: cannot decode image: {' '.join(str(exc).split())[:120]}") from exc
     if gray.size == 0:
         raise WardrobeError(f"{path}: image has no pixels")
-    return to_training_format(gray)
+    return to_training_format(gray, record.image_shape, record.photo_fit)
 
 
-def load_array(path: Path) -> np.ndarray:
-    """A .npy of 28×28 images; uint8 means 0..255, floats must already be in [0, 1]."""
+def load_array(path: Path, shape: tuple[int, int]) -> np.ndarray:
+    """A .npy of images of `shape`; uint8 means 0..255, floats must already be in [0, 1]."""
     try:
         array = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError) as exc:
         raise WardrobeError(f"{path}: not a readable .npy array ({' '.join(str(exc).split())[:120]})") from exc
-    if array.shape == IMAGE_SHAPE:
+    if array.shape == shape:
         array = array[None]
-    if array.ndim != 3 or array.shape[1:] != IMAGE_SHAPE or len(array) == 0:
-        raise WardrobeError(f"{path}: expected shape N×28×28 or 28×28, got {array.shape}")
+    if array.ndim != 3 or array.shape[1:] != shape or len(array) == 0:
+        height, width = shape
+        raise WardrobeError(f"{path}: expected shape N×{height}×{width} or {height}×{width}, got {array.shape}")
     if array.dtype == np.uint8:
         return array.astype(np.float32) / 255.0
     if not np.issubdtype(array.dtype, np.floating):
@@ -118,7 +126,7 @@ def load_array(path: Path) -> np.ndarray:
     return array.astype(np.float32)
 
 
-def collect(paths: list[Path]) -> list[Item]:
+def collect(paths: list[Path], record: ModelRecord) -> list[Item]:
     """Expand folders, load everything; the first bad input raises, naming it."""
     items: list[Item] = []
     for path in paths:
@@ -129,23 +137,23 @@ def collect(paths: list[Path]) -> list[Item]:
                 raise WardrobeError(f"{path}: cannot list folder: {exc.strerror}") from exc
             if not files:
                 raise WardrobeError(f"{path}: folder has no images ({', '.join(sorted(IMAGE_SUFFIXES))}, .npy)")
-            items += collect(files)
+            items += collect(files, record)
         elif not path.exists():
             raise WardrobeError(f"{path}: no such file or folder")
         elif path.suffix.lower() == ".npy":
-            array = load_array(path)
+            array = load_array(path, record.image_shape)
             items += [Item(f"{path}[{i}]", pixels) for i, pixels in enumerate(array)]
         else:
             if path.stat().st_size == 0:
                 raise WardrobeError(f"{path}: empty file")
-            items.append(Item(str(path), load_image(path)))
+            items.append(Item(str(path), load_image(path, record)))
     return items
 
 
-def top_k(probs: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
+def top_k(probs: np.ndarray, k: int, class_names: tuple[str, ...]) -> list[list[tuple[str, float]]]:
     """Per row, the k most likely classes with their probabilities, most likely first."""
     order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
-    return [[(CLASS_NAMES[j], float(row[j])) for j in idx] for row, idx in zip(probs, order, strict=True)]
+    return [[(class_names[j], float(row[j])) for j in idx] for row, idx in zip(probs, order, strict=True)]
 
 
 def choose_runtime(runtime: str, model: Path | None) -> str:
@@ -174,7 +182,7 @@ def predict(classifier: Classifier, items: list[Item], batch_size: int) -> np.nd
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="wardrobe-predict", description="Classify garment images.")
+    parser = argparse.ArgumentParser(prog="wardrobe-predict", description="Classify images with the trained model.")
     parser.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="image files, folders, .npy arrays")
     parser.add_argument(
         "--model", type=Path, help=f"model file (default: {MODEL_PATH} for keras, {ONNX_PATH} for onnx)"
@@ -185,22 +193,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="auto",
         help="auto (default): onnx for a .onnx --model or without TensorFlow installed, else keras",
     )
-    parser.add_argument("--top-k", type=int, default=1, help="classes to show per image (1..10, default 1)")
+    parser.add_argument("--top-k", type=int, default=1, help="classes to show per image (default 1)")
     parser.add_argument("--json", action="store_true", help="one JSON object per input line")
     parser.add_argument("--batch-size", type=int, default=256, help="images per model call (default 256)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
-    if not 1 <= args.top_k <= len(CLASS_NAMES):
-        parser.error(f"--top-k must be in 1..{len(CLASS_NAMES)}, got {args.top_k}")
+    if args.top_k < 1:
+        parser.error(f"--top-k must be >= 1, got {args.top_k}")
     if args.batch_size < 1:
         parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
     return args
 
 
 def run(args: argparse.Namespace) -> None:
-    items = collect(args.paths)
-    classifier = load(choose_runtime(args.runtime, args.model), args.model)
-    for item, best in zip(items, top_k(predict(classifier, items, args.batch_size), args.top_k), strict=True):
+    runtime = choose_runtime(args.runtime, args.model)
+    # The inputs are checked before the model loads: a Keras file's record needs no TensorFlow.
+    classifier = load(runtime, args.model) if runtime == "onnx" else None
+    record = classifier.record if classifier else read_record(args.model or MODEL_PATH)
+    names = record.class_names
+    if args.top_k > len(names):
+        raise WardrobeError(f"--top-k {args.top_k}: the model knows {len(names)} classes")
+    items = collect(args.paths, record)
+    classifier = classifier or load(runtime, args.model)
+    for item, best in zip(items, top_k(predict(classifier, items, args.batch_size), args.top_k, names), strict=True):
         if args.json:
             record = {"path": item.label, "top_k": [{"class": c, "probability": round(p, 6)} for c, p in best]}
             print(json.dumps(record))

@@ -1,12 +1,14 @@
-"""prepare: fetch the four Fashion-MNIST IDX files, verify them, normalize, split, save `.npy`.
+"""prepare: fetch the dataset's IDX files (params `data`, conf/data/), verify them, normalize,
+split, save `.npy` and record what it made (dataset.json: class names, image shape, counts).
 
-Each file comes from the first source in `prepare.sources` whose decompressed bytes match the
+Each file comes from the first source in `data.sources` whose decompressed bytes match the
 pinned SHA-256, so a recompressed local copy (Debian's package) and the upstream mirrors agree.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import sys
 import urllib.error
@@ -17,12 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.common import WardrobeError, atomic_dir, run_main, split_paths
+from stages.common import DATASET_FILE, DatasetInfo, WardrobeError, atomic_dir, run_main, split_paths
 from stages.outputs import PREPARED_DIR
-from stages.params import IDX_SETS, PrepareParams, load_section
+from stages.params import DataParams, PrepareParams, load_section
 
 IDX_DTYPE_UBYTE = 0x08
-# The largest file (train images) is 47 MB decompressed; anything far bigger is not ours.
+# Fashion-MNIST's largest file (train images) is 47 MB decompressed; a cap keeps a corrupt file
+# from exhausting memory.
 MAX_DECOMPRESSED_BYTES = 128 * 2**20
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
@@ -44,16 +47,18 @@ def parse_idx(data: bytes, name: str) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
 
 
-def check_pair(images: np.ndarray, labels: np.ndarray, name: str) -> None:
-    """Images must be N×28×28, labels N values in 0..9."""
-    if images.ndim != 3 or images.shape[1:] != (28, 28):
-        raise WardrobeError(f"{name}: images must be N×28×28, got {images.shape}")
+def check_pair(images: np.ndarray, labels: np.ndarray, num_classes: int, name: str) -> None:
+    """Images must be N×H×W, labels N values in 0..num_classes-1 (class_names' indices)."""
+    if images.ndim != 3:
+        raise WardrobeError(f"{name}: images must be N×height×width, got {images.shape}")
     if labels.ndim != 1:
         raise WardrobeError(f"{name}: labels must be one-dimensional, got {labels.shape}")
     if len(images) != len(labels):
         raise WardrobeError(f"{name}: {len(images)} images but {len(labels)} labels")
-    if labels.size and labels.max() > 9:
-        raise WardrobeError(f"{name}: label {int(labels.max())} outside 0..9")
+    if labels.size and labels.max() >= num_classes:
+        raise WardrobeError(
+            f"{name}: label {int(labels.max())} outside 0..{num_classes - 1} (data.class_names has {num_classes})"
+        )
 
 
 def normalize(images: np.ndarray) -> np.ndarray:
@@ -131,39 +136,54 @@ def read_from_source(source: str, name: str, timeout_s: float, max_bytes: int) -
     raise WardrobeError(f"neither {name}.gz nor {name} is there")
 
 
-def fetch_verified(name: str, params: PrepareParams) -> bytes:
+def fetch_verified(name: str, data: DataParams, params: PrepareParams) -> bytes:
     """Try each source in order; the first whose bytes hash to the pinned SHA-256 wins."""
     failures = []
     max_bytes = int(params.max_download_mb * 2**20)
-    for source in params.sources:
+    for source in data.sources:
         try:
-            data = read_from_source(source, name, params.download_timeout_s, max_bytes)
+            raw = read_from_source(source, name, params.download_timeout_s, max_bytes)
         except WardrobeError as exc:
             failures.append(f"{source}: {exc}")
             continue
-        digest = hashlib.sha256(data).hexdigest()
-        if digest == params.sha256[name]:
-            return data
+        digest = hashlib.sha256(raw).hexdigest()
+        if digest == data.sha256[name]:
+            return raw
         failures.append(f"{source}: SHA-256 mismatch (got {digest[:12]}…)")
     raise WardrobeError(f"{name}: no source worked; tried " + "; ".join(failures))
 
 
-def load_dataset(params: PrepareParams) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Fetch, verify, parse and split: (images, labels) of train, val and test."""
+Splits = dict[str, tuple[np.ndarray, np.ndarray]]
+
+
+def load_dataset(data: DataParams, params: PrepareParams) -> tuple[Splits, DatasetInfo]:
+    """Fetch, verify, parse and split: (images, labels) of train, val and test, and their record."""
     sets = {}
-    for name, (images_name, labels_name) in IDX_SETS.items():
-        images = parse_idx(fetch_verified(images_name, params), images_name)
-        labels = parse_idx(fetch_verified(labels_name, params), labels_name)
-        check_pair(images, labels, f"{name} set")
+    for name, (images_name, labels_name) in data.files.items():
+        images = parse_idx(fetch_verified(images_name, data, params), images_name)
+        labels = parse_idx(fetch_verified(labels_name, data, params), labels_name)
+        check_pair(images, labels, len(data.class_names), f"{name} set")
         sets[name] = normalize(images), labels.astype(np.uint8)
-    (x_all, y_all), test = sets["train"], sets["t10k"]
+    (x_all, y_all), test = sets["train"], sets["test"]
+    if x_all.shape[1:] != test[0].shape[1:]:
+        raise WardrobeError(f"test set: images are {test[0].shape[1:]}, the train set's {x_all.shape[1:]}")
     train_idx, val_idx = stratified_split(y_all, params.val_fraction, params.seed)
-    return {"train": (x_all[train_idx], y_all[train_idx]), "val": (x_all[val_idx], y_all[val_idx]), "test": test}
+    splits = {"train": (x_all[train_idx], y_all[train_idx]), "val": (x_all[val_idx], y_all[val_idx]), "test": test}
+    info = DatasetInfo(
+        name=data.name,
+        class_names=data.class_names,
+        image_shape=(int(x_all.shape[1]), int(x_all.shape[2])),
+        photo_fit=data.photo_fit,
+        counts={split: len(labels) for split, (_, labels) in splits.items()},
+    )
+    return splits, info
 
 
-def save_arrays(splits: dict[str, tuple[np.ndarray, np.ndarray]], out_dir: Path) -> None:
-    """Write all arrays into a temp folder beside `out_dir`, then swap it in: never half a dataset."""
+def save_arrays(splits: Splits, info: DatasetInfo, out_dir: Path) -> None:
+    """Write all arrays and the record into a temp folder beside `out_dir`, then swap it in: never
+    half a dataset."""
     with atomic_dir(out_dir) as staging:
+        (staging / DATASET_FILE).write_text(json.dumps(info.to_json(), indent=2) + "\n", encoding="utf-8")
         for split, arrays in splits.items():
             for path, array in zip(split_paths(staging, split), arrays, strict=True):
                 with open(path, "wb") as handle:
@@ -172,11 +192,11 @@ def save_arrays(splits: dict[str, tuple[np.ndarray, np.ndarray]], out_dir: Path)
 
 
 def main() -> None:
-    params = load_section(PrepareParams)
-    splits = load_dataset(params)
-    save_arrays(splits, PREPARED_DIR)
-    sizes = ", ".join(f"{split} {len(labels)}" for split, (_, labels) in splits.items())
-    print(f"prepare: wrote {PREPARED_DIR}/ ({sizes})")
+    data, params = load_section(DataParams), load_section(PrepareParams)
+    splits, info = load_dataset(data, params)
+    save_arrays(splits, info, PREPARED_DIR)
+    sizes = ", ".join(f"{split} {count}" for split, count in info.counts.items())
+    print(f"prepare: wrote {PREPARED_DIR}/ ({info.name}: {sizes}; {len(info.class_names)} classes)")
 
 
 if __name__ == "__main__":

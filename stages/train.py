@@ -15,11 +15,11 @@ import numpy as np
 import tensorflow as tf
 
 from stages.common import (
-    NUM_CLASSES,
     WardrobeError,
     atomic_path,
     enable_determinism,
     load_split,
+    read_dataset,
     run_main,
     seed_everything,
 )
@@ -51,12 +51,13 @@ def make_dataset(
     y: np.ndarray,
     batch_size: int,
     shuffle_seed: int | None,
-    one_hot: bool,
+    one_hot: int | None,
     flip: bool | str = False,
     shift: int = 0,
     epoch: tf.Variable | None = None,
 ) -> tf.data.Dataset:
     """Batches of (images, labels); shuffles index batches, so the images are copied once, into TF.
+    Labels are one-hot vectors of `one_hot` classes (label smoothing needs them), else integers.
 
     Shuffling indices and gathering a batch at a time keeps the shuffle buffer tiny (one int
     per image) instead of a second copy of the 170 MB training array. `flip` and `shift`
@@ -84,7 +85,7 @@ def make_dataset(
     def gather(idx: tf.Tensor, random: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         batch_labels = tf.gather(labels, idx)
         if one_hot:
-            batch_labels = tf.one_hot(batch_labels, NUM_CLASSES)
+            batch_labels = tf.one_hot(batch_labels, one_hot)
         batch_images = tf.gather(images, idx)
         if augment:
             mirrored = None
@@ -200,6 +201,7 @@ def fit(
     train: tuple[np.ndarray, np.ndarray],
     val: tuple[np.ndarray, np.ndarray],
     history_csv: Path,
+    num_classes: int,
     verbose: int | str = "auto",
     strategy: tf.distribute.Strategy | None = None,
     precision: str | None = None,
@@ -214,7 +216,7 @@ def fit(
     seed_everything(params.seed)
     replicas = strategy.num_replicas_in_sync
     global_batch = params.batch_size * replicas
-    one_hot = params.label_smoothing > 0
+    one_hot = num_classes if params.label_smoothing > 0 else None
     epoch = tf.Variable(0, dtype=tf.int64, trainable=False) if params.augment_flip == "alternate" else None
     train_ds = make_dataset(
         *train, global_batch, params.seed, one_hot, flip=params.augment_flip, shift=params.augment_shift, epoch=epoch
@@ -224,7 +226,7 @@ def fit(
         params = dataclasses.replace(params, learning_rate=params.learning_rate * replicas)
     precision = precision or choose_precision(params.precision, compute_device())[0]
     with strategy.scope(), dtype_policy(precision):
-        model = build_model(params)
+        model = build_model(params, train[0].shape[1:], num_classes)
         if params.arch == "cnn":
             initialize_convs(model, params, train[0])
         compile_model(model, params, steps_per_epoch=math.ceil(len(train[0]) / global_batch))
@@ -246,12 +248,14 @@ def main() -> None:
     params = load_section(TrainParams)
     enable_determinism()  # the pipeline's promise: same params, data and code, same bits
     strategy = distribution_strategy(params.strategy)  # first: it may set up a cluster
+    dataset = read_dataset(PREPARED_DIR)  # its shape and classes are the model's
+    classes = len(dataset.class_names)
     train = load_split(PREPARED_DIR, "train")
     val = load_split(PREPARED_DIR, "val")
     if not writes_outputs(strategy):
         # Another worker of a cluster: trains in lockstep with the chief, which writes the model.
         with tempfile.TemporaryDirectory() as scratch:
-            fit(params, train, val, Path(scratch) / "history.csv", verbose=2, strategy=strategy)
+            fit(params, train, val, Path(scratch) / "history.csv", classes, verbose=2, strategy=strategy)
         print(f"train: {worker_name(strategy)} done; the chief writes {MODEL_PATH} and {HISTORY_CSV}")
         return
     device = compute_device()
@@ -263,8 +267,9 @@ def main() -> None:
         atomic_path(MODEL_PATH) as model_tmp,
         atomic_path(ENVIRONMENT_JSON) as environment_tmp,
     ):
-        model = fit(params, train, val, history_tmp, verbose=2, strategy=strategy, precision=precision)
-        save_model(model, model_tmp, Views(decide_flip(bool(params.augment_flip), params.tta_flip), params.tta_shift))
+        model = fit(params, train, val, history_tmp, classes, verbose=2, strategy=strategy, precision=precision)
+        views = Views(decide_flip(bool(params.augment_flip), params.tta_flip), params.tta_shift)
+        save_model(model, model_tmp, views, dataset)
         record = environment_record(device, precision, reason, strategy.num_replicas_in_sync)
         environment_tmp.write_text(json.dumps(record, indent=2) + "\n")
     print(f"train: wrote {MODEL_PATH}, {HISTORY_CSV} and {ENVIRONMENT_JSON}")

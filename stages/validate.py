@@ -20,7 +20,7 @@ import pandas as pd
 import yaml
 from PIL import Image, UnidentifiedImageError
 
-from stages.common import CLASS_NAMES, WardrobeError, read_json, run_main, split_paths, write_text_atomic
+from stages.common import WardrobeError, read_dataset, read_json, run_main, split_paths, write_text_atomic
 from stages.outputs import (
     CLASS_SCORES,
     CONFUSION_CSV,
@@ -51,7 +51,7 @@ def _unit(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value <= 1
 
 
-def check_metrics_schema(metrics: Any) -> list[str]:
+def check_metrics_schema(metrics: Any, class_names: tuple[str, ...]) -> list[str]:
     """Keys, types and ranges of metrics.json; [] when it is well-formed."""
     where = str(METRICS_PATH)
     if not isinstance(metrics, dict):
@@ -66,13 +66,13 @@ def check_metrics_schema(metrics: Any) -> list[str]:
     per_class = metrics.get("per_class")
     if not isinstance(per_class, dict):
         return [*problems, f"{where}: per_class must be an object keyed by class name"]
-    missing = [name for name in CLASS_NAMES if name not in per_class]
+    missing = [name for name in class_names if name not in per_class]
     if missing:
         problems.append(f"{where}: per_class lacks {', '.join(missing)}")
-    extra = sorted(set(per_class) - set(CLASS_NAMES))
+    extra = sorted(set(per_class) - set(class_names))
     if extra:
         problems.append(f"{where}: per_class has unknown classes {', '.join(extra)}")
-    for name in CLASS_NAMES:
+    for name in class_names:
         scores = per_class.get(name)
         if isinstance(scores, dict):
             for key in CLASS_SCORES:
@@ -134,7 +134,7 @@ def check_drop(metrics: dict, base: dict, rev: str, max_drop: float) -> list[str
     return []
 
 
-def check_csvs(test_size: int | None) -> list[str]:
+def check_csvs(test_size: int | None, class_names: tuple[str, ...]) -> list[str]:
     problems = []
     frames = {}
     for path, columns in CSV_COLUMNS.items():
@@ -151,11 +151,11 @@ def check_csvs(test_size: int | None) -> list[str]:
             frames.pop(path)
     if HISTORY_CSV in frames and frames[HISTORY_CSV]["epoch"].tolist() != list(range(1, len(frames[HISTORY_CSV]) + 1)):
         problems.append(f"{HISTORY_CSV}: epochs must run 1, 2, 3, …")
-    if PER_CLASS_CSV in frames and frames[PER_CLASS_CSV]["class"].tolist() != list(CLASS_NAMES):
+    if PER_CLASS_CSV in frames and frames[PER_CLASS_CSV]["class"].tolist() != list(class_names):
         problems.append(f"{PER_CLASS_CSV}: expected one row per class in label order")
     if CONFUSION_CSV in frames:
         confusion = frames[CONFUSION_CSV]
-        unknown = sorted((set(confusion["actual"]) | set(confusion["predicted"])) - set(CLASS_NAMES))
+        unknown = sorted((set(confusion["actual"]) | set(confusion["predicted"])) - set(class_names))
         if unknown:
             problems.append(f"{CONFUSION_CSV}: unknown class names {unknown}")
         if test_size is not None and len(confusion) != test_size:
@@ -219,14 +219,19 @@ def validate(against: str | None) -> list[str]:
     outputs = [path for paths in STAGE_OUTPUTS.values() for path in paths]
     problems = params_match_conf()
     problems += [f"{path}: declared output is missing" for path in outputs if not path.exists()]
+    try:  # the classes every per-class output must name: prepare's record of the data
+        class_names = read_dataset(PREPARED_DIR).class_names
+    except WardrobeError as error:
+        problems.append(str(error))
+        class_names = None
     metrics = None
     if METRICS_PATH.exists():
         try:
             metrics = json.loads(METRICS_PATH.read_text(encoding="utf-8"))
         except ValueError as exc:
             problems.append(f"{METRICS_PATH}: not valid JSON ({exc})")
-    if metrics is not None:
-        schema_problems = check_metrics_schema(metrics)
+    if metrics is not None and class_names is not None:
+        schema_problems = check_metrics_schema(metrics, class_names)
         problems += schema_problems
         if not schema_problems:
             problems += check_quality(metrics, gates)
@@ -240,8 +245,8 @@ def validate(against: str | None) -> list[str]:
                 problems.append(str(error))
     y_test = split_paths(PREPARED_DIR, "test")[1]
     test_size = len(np.load(y_test, allow_pickle=False)) if y_test.exists() else None
-    if all(path.exists() for path in CSV_COLUMNS):
-        problems += check_csvs(test_size)
+    if all(path.exists() for path in CSV_COLUMNS) and class_names is not None:
+        problems += check_csvs(test_size, class_names)
     for path in PNGS:
         if path.exists():
             problems += check_png(path)

@@ -20,9 +20,18 @@ import pytest
 import yaml
 from PIL import Image
 
+from stages.common import DatasetInfo
+from stages.modelfile import ModelRecord, Views
 from stages.params import compose
 
 REPO = Path(__file__).resolve().parent.parent
+# The default dataset's config, which the synthetic IDX files stand in for.
+FASHION_MNIST = yaml.safe_load((REPO / "conf/data/fashion_mnist.yaml").read_text(encoding="utf-8"))
+CLASS_NAMES: tuple[str, ...] = tuple(FASHION_MNIST["class_names"])
+IDX_FILES: tuple[str, ...] = tuple(name for pair in FASHION_MNIST["files"].values() for name in pair)
+# What prepare records for it, and what train writes into a model file of it (any views).
+FASHION_INFO = DatasetInfo(FASHION_MNIST["name"], CLASS_NAMES, (28, 28), FASHION_MNIST["photo_fit"], {})
+FASHION_RECORD = ModelRecord(Views(True), CLASS_NAMES, (28, 28), FASHION_MNIST["photo_fit"], FASHION_MNIST["name"])
 TRAIN_PER_CLASS = 12
 TEST_PER_CLASS = 4
 NOISE = 110.0  # std of the pixel noise: hard enough that a one-epoch mlp is not perfect
@@ -98,7 +107,7 @@ def committed_params(source: Path, hashes: dict[str, str], *overrides: str) -> d
     """params.yaml as `dvc exp run -S OVERRIDE...` composes it from the committed conf/, with only
     the data sources pointed at the synthetic files."""
     params = yaml.safe_load(_composed(overrides))
-    return set_params(params, prepare__sources=[str(source)], prepare__sha256=dict(hashes))
+    return set_params(params, data__sources=[str(source)], data__sha256=dict(hashes))
 
 
 TINY = (
@@ -228,11 +237,16 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory, idx_source: tuple[Path, d
 
 
 def save_wrong_shape_model(path: Path) -> None:
-    """A valid Keras model that expects 32×32 inputs: loads fine, must be refused."""
+    """A valid Keras model that expects 32×32 inputs in a file that records Fashion-MNIST's 28×28:
+    loads fine, must be refused."""
     import keras
 
+    from stages.modelfile import save_model
+
     inputs = keras.Input((32, 32))
-    keras.Model(inputs, keras.layers.Dense(10)(keras.layers.Flatten()(inputs))).save(path)
+    save_model(
+        keras.Model(inputs, keras.layers.Dense(10)(keras.layers.Flatten()(inputs))), path, Views(False), FASHION_INFO
+    )
 
 
 # The fast tier (`make test-fast`, `pytest -m "not pipeline"`) leaves out every test marked

@@ -29,7 +29,7 @@ def test_the_card_states_the_runs_own_numbers(tiny_run: Path, monkeypatch: pytes
     assert f"validation accuracy {metrics['val_accuracy']:.4f}" in card
     assert f"MD5 `{hashlib.md5((tiny_run / MODEL_PATH).read_bytes()).hexdigest()}`" in card
     assert "10 views (the image, moved 1 px up, down, left and right, each also mirrored left-right)" in card
-    for name, digest in params["prepare"]["sha256"].items():
+    for name, digest in params["data"]["sha256"].items():
         assert f"`{name}`: `{digest}`" in card
     assert "Splits: 90 training, 30 validation" in card and ", 40 test" in card
     assert "```yaml\n" + yaml.safe_dump(params["train"], sort_keys=False) + "```" in card

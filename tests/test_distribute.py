@@ -56,7 +56,7 @@ def test_mirrored_strategy_trains(tmp_path: Path, idx_source: tuple[Path, dict[s
     if len(tf.config.list_logical_devices("GPU")) < 2:  # auto mirrors only across several GPUs
         assert not isinstance(distribution_strategy("auto"), tf.distribute.MirroredStrategy)
     x, y = synthetic_images(8, seed=3)
-    model = fit(params, (normalize(x), y), (normalize(x), y), tmp_path / "h.csv", verbose=0)
+    model = fit(params, (normalize(x), y), (normalize(x), y), tmp_path / "h.csv", 10, verbose=0)
     assert (tmp_path / "h.csv").read_text().count("\n") == 3
     assert float(np.mean(model.predict(normalize(x), verbose=0).argmax(1) == y)) > 0.3
 

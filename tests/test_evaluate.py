@@ -8,15 +8,14 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from stages.common import CLASS_NAMES
 from stages.evaluate import confusion_rows, write_csv
 from stages.outputs import CSV_COLUMNS, HISTORY_CSV, METRICS_PATH, PER_CLASS_CSV
 from stages.validate import check_csvs, check_metrics_schema
-from tests.conftest import run_module, write_params
+from tests.conftest import CLASS_NAMES, run_module, write_params
 
 
 def test_confusion_rows_and_csv(tmp_path: Path) -> None:
-    frame = confusion_rows(np.array([9, 0]), np.array([7, 0]))
+    frame = confusion_rows(np.array([9, 0]), np.array([7, 0]), CLASS_NAMES)
     write_csv(frame, tmp_path / "c.csv")
     assert (tmp_path / "c.csv").read_text() == "actual,predicted\nAnkle boot,Sneaker\nT-shirt/top,T-shirt/top\n"
     assert list(tmp_path.iterdir()) == [tmp_path / "c.csv"]  # no temp file left behind
@@ -34,10 +33,10 @@ def test_the_tiny_runs_outputs_are_written_and_sane(tiny_run: Path, monkeypatch:
     assert per_class["support"].sum() == 40
     assert pd.read_csv(tiny_run / HISTORY_CSV)["epoch"].tolist() == [1]
     # What evaluate and train wrote passes validate's contract checks (writer and checker agree):
-    assert check_metrics_schema(metrics) == []
+    assert check_metrics_schema(metrics, CLASS_NAMES) == []
     monkeypatch.chdir(tiny_run)
     assert all(tuple(pd.read_csv(path).columns) == columns for path, columns in CSV_COLUMNS.items())
-    assert check_csvs(test_size=40) == []
+    assert check_csvs(40, CLASS_NAMES) == []
     for png in ("training_curves", "confusion_matrix", "predictions"):
         with Image.open(tiny_run / f"plots/{png}.png") as image:
             assert image.format == "PNG" and image.width >= 300 and image.height >= 300

@@ -150,7 +150,7 @@ def _broken_gz(source: Path, name: str, data: bytes) -> None:
 
 
 DATA_CASES = {
-    "checksum-mismatch": (lambda s, p: p["prepare"]["sha256"].update({LABELS: "0" * 64}), "SHA-256 mismatch"),
+    "checksum-mismatch": (lambda s, p: p["data"]["sha256"].update({LABELS: "0" * 64}), "SHA-256 mismatch"),
     "truncated-gz": (
         lambda s, p: _broken_gz(s, LABELS, (s / f"{LABELS}.gz").read_bytes()[:-20]),
         "truncated gzip file",
@@ -158,19 +158,19 @@ DATA_CASES = {
     "not-gzip": (lambda s, p: _broken_gz(s, LABELS, b"hello, not gzip"), "not a gzip file"),
     "empty-file": (lambda s, p: _broken_gz(s, LABELS, b""), "not a gzip file"),
     "wrong-magic": (
-        lambda s, p: p["prepare"]["sha256"].update({LABELS: _replace(s, LABELS, b"\x00\x00\x0d\x01" + bytes(4))}),
+        lambda s, p: p["data"]["sha256"].update({LABELS: _replace(s, LABELS, b"\x00\x00\x0d\x01" + bytes(4))}),
         f"{LABELS}: wrong IDX magic number 0x00000d01",
     ),
     "wrong-dims": (
-        lambda s, p: p["prepare"]["sha256"].update({IMAGES: _replace(s, IMAGES, idx_bytes(np.zeros((120, 28, 27))))}),
-        "train set: images must be N×28×28, got (120, 28, 27)",
+        lambda s, p: p["data"]["sha256"].update({IMAGES: _replace(s, IMAGES, idx_bytes(np.zeros((120, 28, 27))))}),
+        "test set: images are (28, 28), the train set's (28, 27)",
     ),
     "count-mismatch": (
-        lambda s, p: p["prepare"]["sha256"].update({LABELS: _replace(s, LABELS, idx_bytes(np.zeros(7, np.uint8)))}),
+        lambda s, p: p["data"]["sha256"].update({LABELS: _replace(s, LABELS, idx_bytes(np.zeros(7, np.uint8)))}),
         "train set: 120 images but 7 labels",
     ),
     "label-out-of-range": (
-        lambda s, p: p["prepare"]["sha256"].update(
+        lambda s, p: p["data"]["sha256"].update(
             {LABELS: _replace(s, LABELS, idx_bytes(np.full(120, 12, np.uint8)), gz=False)}
         ),
         "train set: label 12 outside 0..9",
@@ -181,7 +181,7 @@ DATA_CASES = {
         lambda s, p: ((s / f"{LABELS}.gz").unlink(), (s / f"{LABELS}.gz").mkdir()),
         f"{LABELS}.gz: Is a directory",
     ),
-    "missing-dir": (lambda s, p: p["prepare"].update(sources=[str(s / "nowhere")]), "nowhere: no such directory"),
+    "missing-dir": (lambda s, p: p["data"].update(sources=[str(s / "nowhere")]), "nowhere: no such directory"),
 }
 
 
@@ -191,7 +191,7 @@ def test_bad_data_fails_prepare_cleanly(work: Path, idx_source: tuple[Path, dict
     source = work.parent / "source"
     shutil.copytree(idx_source[0], source)
     params = yaml.safe_load((work / "params.yaml").read_text())
-    params["prepare"]["sources"] = [str(source)]
+    params["data"]["sources"] = [str(source)]
     breakage, message = DATA_CASES[case]
     breakage(source, params)
     write_params(work, params)
@@ -246,7 +246,10 @@ def mirror() -> Iterator[tuple[str, type[_Mirror]]]:
 def test_bad_mirror_fails_prepare_cleanly(work: Path, mirror, mode: str, message: str) -> None:
     url, handler = mirror
     handler.mode = mode
-    edit_params(work, lambda p: p["prepare"].update(sources=[url], download_timeout_s=0.5, max_download_mb=1))
+    edit_params(
+        work,
+        lambda p: (p["data"].update(sources=[url]), p["prepare"].update(download_timeout_s=0.5, max_download_mb=1)),
+    )
     before = snapshot(work)
     started = time.monotonic()
     result = run_stage("prepare", work, timeout=60)

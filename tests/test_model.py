@@ -18,7 +18,7 @@ def mlp(params_dict: dict):
 
 
 def test_mlp_is_the_original_model(mlp) -> None:
-    model = build_model(mlp)
+    model = build_model(mlp, (28, 28), 10)
     kinds = [(type(layer).__name__, getattr(layer, "units", None)) for layer in model.layers[1:]]
     assert kinds == [("Flatten", None), ("Dense", 128), ("Dropout", None), ("Dense", 10)]
     assert model.layers[2].activation is keras.activations.relu
@@ -29,7 +29,7 @@ def test_mlp_is_the_original_model(mlp) -> None:
 
 def test_cnn_shapes_and_probabilities(idx_source: tuple[Path, dict[str, str]]) -> None:
     overrides = ("train=cnn", "train.filters=[4,8]", "train.convs_per_block=[1,2]", "train.dense_units=16")
-    model = build_model(parse_params(committed_params(*idx_source, *overrides)).train)
+    model = build_model(parse_params(committed_params(*idx_source, *overrides)).train, (28, 28), 10)
     probs = model.predict(np.random.default_rng(0).random((3, 28, 28), dtype=np.float32), verbose=0)
     assert model.input_shape == (None, 28, 28)
     assert probs.shape == (3, 10)
@@ -42,7 +42,7 @@ def test_cnn_shapes_and_probabilities(idx_source: tuple[Path, dict[str, str]]) -
 
 def test_erasing_only_in_training(mlp) -> None:
     """Flips and shifts happen in the input pipeline (test_train); erasing is a layer."""
-    model = build_model(dataclasses.replace(mlp, augment_flip=True, augment_shift=2, augment_erase=0.5))
+    model = build_model(dataclasses.replace(mlp, augment_flip=True, augment_shift=2, augment_erase=0.5), (28, 28), 10)
     assert any(isinstance(layer, keras.layers.RandomErasing) for layer in model.layers)
     in_pipeline = (keras.layers.RandomFlip, keras.layers.RandomTranslation)
     assert not any(isinstance(layer, in_pipeline) for layer in model.layers)
@@ -60,9 +60,13 @@ def test_pool_first_blocks_and_global_max_head(idx_source: tuple[Path, dict[str,
         "train.pool_first=true",
         "train.head=global_max",
     )
-    no_dropout = build_model(parse_params(committed_params(*idx_source, *overrides, "train.dropout=0")).train)
+    no_dropout = build_model(
+        parse_params(committed_params(*idx_source, *overrides, "train.dropout=0")).train, (28, 28), 10
+    )
     assert not any(isinstance(layer, keras.layers.Dropout) for layer in no_dropout.layers)
-    model = build_model(parse_params(committed_params(*idx_source, *overrides, "train.dropout=0.2")).train)
+    model = build_model(
+        parse_params(committed_params(*idx_source, *overrides, "train.dropout=0.2")).train, (28, 28), 10
+    )
     kinds = [type(layer).__name__ for layer in model.layers[2:]]
     block = ["Conv2D", "MaxPooling2D", "FusedBatchNormalization", "ReLU", "Conv2D", "FusedBatchNormalization", "ReLU"]
     assert kinds == [*block, *block, "GlobalMaxPooling2D", "Dropout", "Dense"]
@@ -116,7 +120,7 @@ def test_initialize_convs_sets_what_the_recipe_asks(idx_source: tuple[Path, dict
     overrides = ("train=cnn", "train.filters=[24,24]", "train.convs_per_block=[1,2]", "train.whiten_init=true")
     params = parse_params(committed_params(*idx_source, *overrides, "train.identity_init=true")).train
     images = synthetic_images(12, seed=1)[0].astype(np.float32) / 255
-    model = build_model(params)
+    model = build_model(params, (28, 28), 10)
     first, second, third = (layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D))
     untouched = first.kernel.numpy()[..., 18:]
     initialize_convs(model, params, images)

@@ -11,17 +11,17 @@ import pytest
 
 from stages.common import WardrobeError
 from stages.modelfile import (
-    FLIP_KEY,
     SHIFT_KEY,
+    ModelRecord,
     Views,
     decide_flip,
     load_keras_classifier,
     predict_proba,
-    read_views,
+    read_record,
     save_model,
     shifted,
 )
-from tests.conftest import save_wrong_shape_model
+from tests.conftest import CLASS_NAMES, FASHION_INFO, save_wrong_shape_model
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -72,48 +72,49 @@ def test_the_views_inside_the_serving_graph_are_exactly_the_numpy_views() -> Non
     np.testing.assert_array_equal(got, np.stack(want))
 
 
-def test_a_saved_file_records_its_views_and_every_reader_gets_them(tmp_path: Path) -> None:
+def test_a_saved_file_records_its_views_and_classes_and_every_reader_gets_them(tmp_path: Path) -> None:
     model = dense_model()
-    save_model(model, tmp_path / "m.keras", Views(True, 1))
+    save_model(model, tmp_path / "m.keras", Views(True, 1), FASHION_INFO)
     with zipfile.ZipFile(tmp_path / "m.keras") as archive:
         assert b'"wardrobe_flip_tta": true, "wardrobe_tta_shift": 1' in archive.read("metadata.json")
-    assert read_views(tmp_path / "m.keras") == Views(True, 1)
-    assert load_keras_classifier(tmp_path / "m.keras").views == Views(True, 1)
+    want = ModelRecord(Views(True, 1), CLASS_NAMES, (28, 28), "object", "Fashion-MNIST")
+    assert read_record(tmp_path / "m.keras") == want
+    assert load_keras_classifier(tmp_path / "m.keras").record == want
 
 
-@pytest.mark.parametrize("flip_layer", [False, True])
-def test_a_file_without_recorded_views_gets_the_auto_rule_everywhere(tmp_path: Path, flip_layer: bool) -> None:
-    """Files saved before train recorded the views: flips were a RandomFlip layer then, so the
-    auto rule mirrors exactly those; no shifts. The card reads the same (no TensorFlow)."""
-    from stages.card import read_views as card_reader
-
+def test_a_file_without_a_record_is_refused_by_every_reader(tmp_path: Path) -> None:
+    """Files saved before the dataset was a params choice record no class names: refused in one
+    line, with what to do, by the record's one reader (evaluate, export, predict and the card use it)."""
     path = tmp_path / "old.keras"
-    dense_model(flip_layer).save(path)
-    with zipfile.ZipFile(path) as archive:
-        assert FLIP_KEY not in archive.read("metadata.json").decode()
-    assert read_views(path) == Views(flip_layer, 0)
-    assert load_keras_classifier(path).views == Views(flip_layer, 0)
-    assert card_reader is read_views
+    dense_model().save(path)
+    with pytest.raises(WardrobeError, match=r"old\.keras: the model file records no class names.*retrain it"):
+        read_record(path)
+    with pytest.raises(WardrobeError, match=r"old\.keras: the model file records no class names"):
+        load_keras_classifier(path)
 
 
 def test_the_recorded_views_have_one_reader() -> None:
-    """evaluate, export, predict, the card and the benchmarks read a model file's views only
-    through modelfile.read_views: no other code opens metadata.json or names its keys."""
+    """evaluate, export, predict, the card and the benchmarks read a model file's record only
+    through modelfile.read_record: no other code opens metadata.json or names its keys."""
     readers = []
     for path in sorted([*REPO.glob("stages/*.py"), *REPO.glob("bench/*.py")]):
         text = path.read_text()
-        if path.name != "modelfile.py" and re.search(r"metadata\.json|FLIP_KEY|SHIFT_KEY|wardrobe_(flip|tta)", text):
+        if path.name != "modelfile.py" and re.search(
+            r"metadata\.json|_KEY\b|wardrobe_(flip|tta|class|image|photo|dataset)", text
+        ):
             readers.append(path.name)
     assert readers == []
 
 
 def test_unreadable_files_fail_in_one_line(tmp_path: Path) -> None:
     with pytest.raises(WardrobeError, match=r"missing.keras: model file not found; run the train stage first$"):
-        read_views(tmp_path / "missing.keras")
+        read_record(tmp_path / "missing.keras")
     (tmp_path / "notes.keras").write_text("not a zip")
     with pytest.raises(WardrobeError, match=r"notes.keras: cannot read the model's metadata: File is not a zip file$"):
-        read_views(tmp_path / "notes.keras")
+        read_record(tmp_path / "notes.keras")
     save_wrong_shape_model(tmp_path / "m.keras")
-    with pytest.raises(WardrobeError, match=r"model maps \(32, 32\) to \(10,\), expected 28×28 to 10 classes"):
+    with pytest.raises(
+        WardrobeError, match=r"model maps \(32, 32\) to \(10,\), but its file records \(28, 28\) images of 10"
+    ):
         load_keras_classifier(tmp_path / "m.keras")
     assert SHIFT_KEY == "wardrobe_tta_shift"  # the key files already written carry: renaming it breaks them

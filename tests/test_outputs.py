@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import yaml
 
-from stages.common import CLASS_NAMES
 from stages.outputs import (
     CSV_COLUMNS,
     HEADLINE_METRICS,
@@ -20,13 +19,13 @@ from stages.outputs import (
     cross_entropy,
     per_class_scores,
 )
-from tests.conftest import REPO
+from tests.conftest import CLASS_NAMES, REPO
 
 DVC_YAML = yaml.safe_load((REPO / "dvc.yaml").read_text())
 
 
 def test_confusion_matrix_rows_are_actual() -> None:
-    cm = confusion_matrix(np.array([0, 0, 1, 2]), np.array([0, 1, 1, 1]))
+    cm = confusion_matrix(np.array([0, 0, 1, 2]), np.array([0, 1, 1, 1]), 10)
     assert cm.shape == (10, 10) and cm.sum() == 4
     assert cm[0, 0] == 1 and cm[0, 1] == 1 and cm[1, 1] == 1 and cm[2, 1] == 1
 
@@ -34,7 +33,7 @@ def test_confusion_matrix_rows_are_actual() -> None:
 def test_per_class_scores_known_values() -> None:
     y_true = np.array([0, 0, 0, 0, 1, 1])
     y_pred = np.array([0, 0, 0, 1, 1, 0])
-    scores = per_class_scores(confusion_matrix(y_true, y_pred)).set_index("class")
+    scores = per_class_scores(confusion_matrix(y_true, y_pred, 10), CLASS_NAMES).set_index("class")
     assert scores.loc["T-shirt/top", "precision"] == pytest.approx(3 / 4)
     assert scores.loc["T-shirt/top", "recall"] == pytest.approx(3 / 4)
     assert scores.loc["Trouser", "precision"] == pytest.approx(1 / 2)
@@ -56,7 +55,7 @@ def test_compute_metrics_document() -> None:
     probs[np.arange(15), y[:15]] += 5  # 15 of 20 right
     probs[np.arange(15, 20), y[15:]] = 0  # the other 5 surely wrong
     probs /= probs.sum(axis=1, keepdims=True)
-    metrics = compute_metrics(Predictions(probs, y, probs[:10], y[:10]))
+    metrics = compute_metrics(Predictions(probs, y, probs[:10], y[:10], CLASS_NAMES))
     assert metrics["accuracy"] == 0.75 and metrics["val_accuracy"] == 1.0
     assert list(metrics["per_class"]) == list(CLASS_NAMES)
     assert set(metrics["per_class"]["Shirt"]) == {"precision", "recall", "f1"}

@@ -13,7 +13,8 @@ from tests.conftest import REPO, committed_params
 def test_repo_params_load() -> None:
     params = load_params(REPO / "params.yaml")
     assert params.prepare.val_fraction == 0.1
-    assert params.prepare.sources[0] == "/usr/share/datasets/fashion-mnist"
+    assert params.data.sources[0] == "/usr/share/datasets/fashion-mnist"
+    assert params.data.name == "Fashion-MNIST" and len(params.data.class_names) == 10
     assert params.train.arch == "cnn"
 
 
@@ -109,8 +110,17 @@ def _set(d: dict, dotted: str, value: object) -> None:
         ("train.optimizer", "sgd", r"train\.optimizer: 'sgd' is not one of"),
         ("prepare.val_fraction", 1.0, r"prepare\.val_fraction: must be in \(0, 1\)"),
         ("prepare.val_fraction", 0, r"prepare\.val_fraction: must be in \(0, 1\)"),
-        ("prepare.sources", [], r"prepare\.sources: must not be empty"),
-        ("prepare.sha256", {"x": "y"}, r"prepare\.sha256: must map exactly"),
+        ("data.sources", [], r"data\.sources: must not be empty"),
+        ("data.sha256", {"x": "y"}, r"data\.sha256: must map exactly train-images-idx3-ubyte, "),
+        (
+            "data.files",
+            {"train": ["a", "b"]},
+            r"data\.files: must map train and test each to \[images file, labels file\]",
+        ),
+        ("data.class_names", ["one"], r"data\.class_names: needs at least two distinct names, got \['one'\]"),
+        ("data.class_names", ["a", "a"], r"data\.class_names: needs at least two distinct names"),
+        ("data.format", "csv", r"data\.format: 'csv' is not one of \['idx'\]"),
+        ("data.photo_fit", "crop", r"data\.photo_fit: 'crop' is not one of \['object', 'resize'\]"),
         ("evaluate.example_grid", 11, r"evaluate\.example_grid: must be in 1\.\.10"),
         ("evaluate", None, r"evaluate: expected a mapping"),
         ("validate.min_accuracy", 1.5, r"validate\.min_accuracy: must be in \[0, 1\]"),

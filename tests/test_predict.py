@@ -18,18 +18,18 @@ from stages.common import WardrobeError
 from stages.modelfile import Views, decide_flip, load_keras_classifier, load_model, save_model
 from stages.outputs import MODEL_PATH
 from stages.predict import collect, load_image, main, to_training_format, top_k
-from tests.conftest import run_module, save_wrong_shape_model
+from tests.conftest import CLASS_NAMES, FASHION_INFO, FASHION_RECORD, run_module, save_wrong_shape_model
 
 
 def test_dark_28x28_is_taken_unchanged() -> None:
     gray = np.random.default_rng(0).integers(0, 60, (28, 28), dtype=np.uint8)
-    np.testing.assert_array_equal(to_training_format(gray), gray.astype(np.float32) / 255)
+    np.testing.assert_array_equal(to_training_format(gray, (28, 28)), gray.astype(np.float32) / 255)
 
 
 def test_light_background_is_inverted_and_fitted() -> None:
     photo = np.full((200, 100), 255, dtype=np.uint8)  # white page
     photo[50:150, 25:75] = 0  # a dark 100×50 garment
-    out = to_training_format(photo)
+    out = to_training_format(photo, (28, 28))
     assert out.shape == (28, 28) and out.dtype == np.float32
     rows, cols = np.nonzero(out > 0.5)
     assert rows.min() == 0 and rows.max() == 27  # longer side fills the frame
@@ -41,7 +41,7 @@ def test_light_background_is_inverted_and_fitted() -> None:
 def test_top_k_orders_by_probability() -> None:
     probs = np.zeros((1, 10))
     probs[0, [3, 7, 1]] = [0.2, 0.7, 0.1]
-    assert top_k(probs, 2) == [[("Sneaker", 0.7), ("Dress", 0.2)]]
+    assert top_k(probs, 2, CLASS_NAMES) == [[("Sneaker", 0.7), ("Dress", 0.2)]]
 
 
 def _png_claiming(path: Path, width: int, height: int) -> None:
@@ -85,7 +85,7 @@ def test_predict_agrees_with_evaluate_under_every_tta_setting(
     model = load_model(work / MODEL_PATH)
     flip = decide_flip(False, setting)  # the tiny model is an mlp trained without flips
     assert flip is {"auto": False, "always": True, "never": False}[setting]
-    save_model(model, work / MODEL_PATH, Views(flip, shift))  # what train writes for these params
+    save_model(model, work / MODEL_PATH, Views(flip, shift), FASHION_INFO)  # what train writes for these params
     monkeypatch.chdir(work)
     evaluate_main()
     capsys.readouterr()
@@ -197,7 +197,7 @@ def test_image_loader_only_raises_our_error(tmp_path: Path, data: bytes) -> None
     path = tmp_path / "x.png"
     path.write_bytes(data)
     try:
-        out = load_image(path)
+        out = load_image(path, FASHION_RECORD)
     except WardrobeError:
         return
     assert out.shape == (28, 28)
@@ -212,4 +212,4 @@ def test_mutated_png_only_raises_our_error(tmp_path: Path, position: int, value:
     data[position % len(data)] = value
     path.write_bytes(bytes(data))
     with contextlib.suppress(WardrobeError):  # our error is fine; anything else fails the test
-        assert collect([path])[0].pixels.shape == (28, 28)
+        assert collect([path], FASHION_RECORD)[0].pixels.shape == (28, 28)

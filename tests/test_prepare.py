@@ -3,6 +3,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import http.server
+import json
 import threading
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 
 from stages.common import WardrobeError, load_split
-from stages.params import IDX_FILES, parse_params
+from stages.params import DataParams, PrepareParams, parse_params
 from stages.prepare import (
     check_pair,
     decompress,
@@ -21,7 +22,7 @@ from stages.prepare import (
     parse_idx,
     stratified_split,
 )
-from tests.conftest import TEST_PER_CLASS, TRAIN_PER_CLASS, idx_bytes, run_module, write_params
+from tests.conftest import CLASS_NAMES, IDX_FILES, TEST_PER_CLASS, TRAIN_PER_CLASS, idx_bytes, run_module, write_params
 
 
 def test_parse_idx_images_and_labels() -> None:
@@ -53,13 +54,13 @@ def test_parse_idx_rejects(data: bytes, message: str) -> None:
     ("images", "labels", "message"),
     [
         (np.zeros((3, 28, 28)), np.zeros(2), r"3 images but 2 labels"),
-        (np.zeros((2, 28, 27)), np.zeros(2), r"images must be N×28×28"),
-        (np.zeros((2, 28, 28)), np.array([1, 10]), r"label 10 outside 0\.\.9"),
+        (np.zeros((2, 28)), np.zeros(2), r"images must be N×height×width"),
+        (np.zeros((2, 28, 28)), np.array([1, 10]), r"label 10 outside 0\.\.9 \(data\.class_names has 10\)"),
     ],
 )
 def test_check_pair(images: np.ndarray, labels: np.ndarray, message: str) -> None:
     with pytest.raises(WardrobeError, match=message):
-        check_pair(images, labels, "train set")
+        check_pair(images, labels, 10, "train set")
 
 
 def test_normalize() -> None:
@@ -102,8 +103,10 @@ def test_download_https_only(url: str) -> None:
         download(url, timeout_s=1, max_bytes=10)
 
 
-def _params(params_dict: dict, sources: list[str]):
-    return dataclasses.replace(parse_params(params_dict).prepare, sources=tuple(sources))
+def _params(params_dict: dict, sources: list[str]) -> tuple[DataParams, PrepareParams]:
+    """The data and prepare sections of the params, with other sources."""
+    params = parse_params(params_dict)
+    return dataclasses.replace(params.data, sources=tuple(sources)), params.prepare
 
 
 def test_fetch_falls_back_to_next_matching_source(
@@ -114,7 +117,7 @@ def test_fetch_falls_back_to_next_matching_source(
     wrong.mkdir()
     (wrong / "train-labels-idx1-ubyte").write_bytes(idx_bytes(np.zeros(5, np.uint8)))  # uncompressed, bad hash
     params = _params(params_dict, [str(tmp_path / "missing"), str(wrong), str(good_dir)])
-    data = fetch_verified("train-labels-idx1-ubyte", params)
+    data = fetch_verified("train-labels-idx1-ubyte", *params)
     assert parse_idx(data, "labels").shape == (10 * TRAIN_PER_CLASS,)
 
 
@@ -126,7 +129,7 @@ def test_fetch_failure_names_every_source(tmp_path: Path, params_dict: dict) -> 
     empty.mkdir()
     params = _params(params_dict, [str(tmp_path / "missing"), str(wrong), str(empty), "https://127.0.0.1:9/m"])
     with pytest.raises(WardrobeError) as info:
-        fetch_verified("t10k-labels-idx1-ubyte", params)
+        fetch_verified("t10k-labels-idx1-ubyte", *params)
     message = str(info.value)
     assert message.startswith("t10k-labels-idx1-ubyte: no source worked; tried ")
     assert f"{tmp_path / 'missing'}: no such directory" in message
@@ -143,8 +146,15 @@ def test_prepare_main_writes_split_arrays(tmp_path: Path, params_dict: dict) -> 
     assert result.returncode == 0, result.stderr
     prepared = tmp_path / "data/prepared"
     assert sorted(p.name for p in prepared.iterdir()) == sorted(
-        f"{a}_{s}.npy" for a in "xy" for s in ("train", "val", "test")
+        ["dataset.json", *(f"{a}_{s}.npy" for a in "xy" for s in ("train", "val", "test"))]
     )
+    assert json.loads((prepared / "dataset.json").read_text()) == {
+        "name": "Fashion-MNIST",
+        "class_names": list(CLASS_NAMES),
+        "image_shape": [28, 28],
+        "photo_fit": "object",
+        "counts": {"train": 90, "val": 30, "test": 10 * TEST_PER_CLASS},
+    }
     x_train, y_train = load_split(prepared, "train")
     x_val, y_val = load_split(prepared, "val")
     x_test, _ = load_split(prepared, "test")
@@ -160,7 +170,7 @@ def test_prepare_failure_keeps_previous_output(tmp_path: Path, params_dict: dict
     write_params(tmp_path, params_dict)
     assert run_module("stages.prepare", cwd=tmp_path).returncode == 0
     before = (tmp_path / "data/prepared/x_train.npy").read_bytes()
-    params_dict["prepare"]["sha256"]["t10k-images-idx3-ubyte"] = "0" * 64
+    params_dict["data"]["sha256"]["t10k-images-idx3-ubyte"] = "0" * 64
     write_params(tmp_path, params_dict)
     result = run_module("stages.prepare", cwd=tmp_path)
     assert result.returncode == 1
@@ -190,11 +200,11 @@ def test_download_from_a_mirror_gives_the_same_arrays_as_a_local_directory(
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}/"
-        downloaded = load_dataset(_params(params_dict, [url]))
+        downloaded, _ = load_dataset(*_params(params_dict, [url]))
     finally:
         server.shutdown()
         server.server_close()
-    local = load_dataset(_params(params_dict, [str(directory)]))
+    local, _ = load_dataset(*_params(params_dict, [str(directory)]))
     assert sorted(requested) == sorted(f"/{name}.gz" for name in IDX_FILES)
     assert downloaded.keys() == local.keys()
     for split, arrays in local.items():

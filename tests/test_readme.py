@@ -2,7 +2,7 @@
 Predict sections runs here, as written, with the real dvc, git and make.
 
 The project is a temp clone of the committed files. Its params are the committed conf/ with two
-edits a user with a tiny dataset would make in conf/config.yaml: the data sources pointed at the
+edits a user with a tiny dataset would make in conf/: the data sources (conf/data/) pointed at the
 synthetic IDX files (a little less noisy than the other tests', README_NOISE), and `train:
 {batch_size: 8, bn_momentum: 0.9, epochs: 30}`, an override that applies to every cnn recipe (at
 the default momentum 0.99 BatchNorm's statistics need many hundred steps to settle, ~100 images
@@ -34,10 +34,18 @@ import pytest
 import yaml
 from PIL import Image
 
-from stages.common import CLASS_NAMES
 from stages.modelfile import load_model
 from stages.outputs import METRICS_PATH, MODEL_PATH, ONNX_PATH
-from tests.conftest import REPO, TEST_PER_CLASS, committed_params, make_project, sh, synthetic_images, write_idx_dir
+from tests.conftest import (
+    CLASS_NAMES,
+    REPO,
+    TEST_PER_CLASS,
+    committed_params,
+    make_project,
+    sh,
+    synthetic_images,
+    write_idx_dir,
+)
 
 SECTIONS = ("Experiments", "Validation and CI", "The model as an artifact", "Predict on your own images")
 GITHUB_URL = "https://github.com/ORG/wardrobe"  # the README's placeholder; here: a local bare repo
@@ -427,8 +435,10 @@ def clone(tmp_path_factory: pytest.TempPathFactory) -> Clone:
     root = tmp_path_factory.mktemp("readme")
     idx_source = (root / "idx", write_idx_dir(root / "idx", noise=README_NOISE))
     repo = make_project(root / "wardrobe", committed_params(*idx_source))
-    config = yaml.safe_load((REPO / "conf/config.yaml").read_text())  # the user's edit of conf/:
-    config["prepare"]["sources"], config["prepare"]["sha256"] = [str(idx_source[0])], idx_source[1]
+    dataset = yaml.safe_load((REPO / "conf/data/fashion_mnist.yaml").read_text())  # the user's edits of conf/:
+    dataset["sources"], dataset["sha256"] = [str(idx_source[0])], idx_source[1]
+    (repo / "conf/data/fashion_mnist.yaml").write_text(yaml.safe_dump(dataset, sort_keys=False))
+    config = yaml.safe_load((REPO / "conf/config.yaml").read_text())
     config["train"] = TINY_DATA_OVERRIDE
     (repo / "conf/config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     # `make` targets run in the user's set-up: the project's venv as .venv, installed (stamp newer

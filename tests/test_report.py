@@ -13,10 +13,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from stages.common import CLASS_NAMES, WardrobeError
+from stages.common import WardrobeError
 from stages.outputs import CONFUSION_CSV, ENVIRONMENT_JSON, METRICS_PATH, PER_CLASS_CSV
 from stages.report import confusion_moves, dvc_markdown, headline, per_class_changes
-from tests.conftest import REPO, module_env, sh
+from tests.conftest import CLASS_NAMES, REPO, module_env, sh
 
 
 def scores(f1: dict[str, float]) -> pd.DataFrame:

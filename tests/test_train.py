@@ -14,12 +14,12 @@ import pytest
 import tensorflow as tf
 
 from stages.common import WardrobeError, enable_determinism
-from stages.modelfile import FLIP_KEY, SHIFT_KEY, Views, load_model, save_model
+from stages.modelfile import ModelRecord, Views, load_model, save_model
 from stages.outputs import HISTORY_COLUMNS
 from stages.params import parse_params
 from stages.prepare import normalize
 from stages.train import dtype_policy, fit, make_dataset
-from tests.conftest import REPO, module_env, synthetic_images
+from tests.conftest import CLASS_NAMES, FASHION_INFO, REPO, module_env, synthetic_images
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,7 @@ def test_dataset_batches_and_shuffles_deterministically() -> None:
         np.testing.assert_array_equal(images[:, 0, 0], labels)  # image i stays with label i
     again = np.concatenate([b[1] for b in make_dataset(x, y, 4, 5, False).as_numpy_iterator()])
     np.testing.assert_array_equal(order, again)
-    one_hot = next(make_dataset(x, y, 4, None, True).as_numpy_iterator())[1]
+    one_hot = next(make_dataset(x, y, 4, None, 10).as_numpy_iterator())[1]
     assert one_hot.shape == (4, 10) and one_hot.argmax(1).tolist() == [0, 1, 2, 3]
 
 
@@ -135,7 +135,7 @@ def test_batchnorm_bias_rate_scales_only_the_biases_step() -> None:
 
 def test_fit_writes_history_from_epoch_one(tmp_path: Path, data, params) -> None:
     history_csv = tmp_path / "history.csv"
-    model = fit(params, *data, history_csv, verbose=0)
+    model = fit(params, *data, history_csv, 10, verbose=0)
     history = pd.read_csv(history_csv)
     assert history["epoch"].tolist() == [1, 2]
     assert tuple(history.columns) == HISTORY_COLUMNS  # what validate and dvc.yaml's plots expect
@@ -188,19 +188,20 @@ def test_fit_is_deterministic(tmp_path: Path, data, params, overrides: dict) -> 
     params = dataclasses.replace(params, **overrides)
     # clear_session: as in a new train process, layer names restart (dense, not dense_1).
     keras.backend.clear_session()
-    first = fit(params, *data, tmp_path / "a.csv", verbose=0)
+    first = fit(params, *data, tmp_path / "a.csv", 10, verbose=0)
     keras.backend.clear_session()
-    second = fit(params, *data, tmp_path / "b.csv", verbose=0)
+    second = fit(params, *data, tmp_path / "b.csv", 10, verbose=0)
     for a, b in zip(first.get_weights(), second.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
     assert (tmp_path / "a.csv").read_text() == (tmp_path / "b.csv").read_text()
     # Equal models, equal files: no save time, no memory addresses, no clock in the zip.
-    save_model(first, tmp_path / "a.keras", Views(False))
-    save_model(second, tmp_path / "b.keras", Views(False))
+    save_model(first, tmp_path / "a.keras", Views(False), FASHION_INFO)
+    save_model(second, tmp_path / "b.keras", Views(False), FASHION_INFO)
     assert (tmp_path / "a.keras").read_bytes() == (tmp_path / "b.keras").read_bytes()
     with zipfile.ZipFile(tmp_path / "a.keras") as archive:  # saved in the same second, so check these
         metadata = json.loads(archive.read("metadata.json"))
-        assert metadata == {"keras_version": keras.__version__, FLIP_KEY: False, SHIFT_KEY: 0}
+        record = ModelRecord(Views(False), CLASS_NAMES, (28, 28), "object", "Fashion-MNIST").metadata()
+        assert metadata == {"keras_version": keras.__version__, **record}
         assert {info.date_time for info in archive.infolist()} == {(1980, 1, 1, 0, 0, 0)}
     np.testing.assert_array_equal(
         load_model(tmp_path / "a.keras").predict(data[1][0], verbose=0), first.predict(data[1][0], verbose=0)
@@ -213,14 +214,14 @@ def test_diverging_loss_is_an_error(tmp_path: Path, data, params) -> None:
         WardrobeError,
         match=r"train: loss became nan at epoch 1; lower train\.learning_rate \(now 1e\+30\); no model was written",
     ):
-        fit(huge, *data, tmp_path / "h.csv", verbose=0)
+        fit(huge, *data, tmp_path / "h.csv", 10, verbose=0)
 
 
 def test_precision_policy_is_restored_and_output_stays_float32(tmp_path: Path, data, params) -> None:
     with dtype_policy("mixed_bfloat16"):
         assert keras.mixed_precision.global_policy().name == "mixed_bfloat16"
     assert keras.mixed_precision.global_policy().name == "float32"
-    model = fit(dataclasses.replace(params, precision="mixed_bfloat16", epochs=1), *data, tmp_path / "h.csv", 0)
+    model = fit(dataclasses.replace(params, precision="mixed_bfloat16", epochs=1), *data, tmp_path / "h.csv", 10, 0)
     assert model.layers[2].compute_dtype == "bfloat16"
     assert model.output.dtype == "float32"
     assert keras.mixed_precision.global_policy().name == "float32"
@@ -238,7 +239,7 @@ from stages.train import fit
 from tensorflow.python.framework import config  # (is_op_determinism_enabled is not public)
 params = parse_params(yaml.safe_load(compose(Path({str(REPO / "conf")!r}), ["train=mlp", "train.epochs=1"]))).train
 x, y = np.random.default_rng(0).random((20, 28, 28), dtype=np.float32), np.arange(20, dtype=np.uint8) % 10
-fit(params, (x, y), (x, y), Path("h.csv"), verbose=0)
+fit(params, (x, y), (x, y), Path("h.csv"), 10, verbose=0)
 print(config.is_op_determinism_enabled())
 """
     result = subprocess.run(

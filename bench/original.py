@@ -15,13 +15,18 @@ import stages  # noqa: F401  (quiets TensorFlow's banner like the pipeline does)
 
 
 def load_data(directory: Path):
-    from stages.params import IDX_SETS
+    import yaml
+
     from stages.prepare import decompress, parse_idx
+
+    # The file names of the dataset the original script loads, from its config.
+    config = Path(__file__).resolve().parent.parent / "conf/data/fashion_mnist.yaml"
+    files = yaml.safe_load(config.read_text(encoding="utf-8"))["files"]
 
     def read(name: str):
         return parse_idx(decompress((directory / f"{name}.gz").read_bytes()), name)
 
-    return tuple((read(images), read(labels)) for images, labels in IDX_SETS.values())
+    return tuple((read(images), read(labels)) for images, labels in (files["train"], files["test"]))
 
 
 def main() -> None:

@@ -17,7 +17,7 @@ import pytest
 from stages.common import WardrobeError
 from stages.modelfile import load_keras_classifier, load_model
 from stages.outputs import EXPORT_JSON, MODEL_PATH, ONNX_PATH, SAVED_MODEL_DIR
-from tests.conftest import REPO, run_module, sh
+from tests.conftest import FASHION_RECORD, REPO, run_module, sh
 
 
 def keras_probs(work: Path) -> np.ndarray:
@@ -136,20 +136,24 @@ def test_onnx_predict_gives_the_keras_answers_on_the_exported_pngs(tiny_run: Pat
             "wrong-shape",
             "error: {path}: ONNX model maps x tensor(float) ['n', 3] → ['n', 3], expected float N×28×28 to N×10",
         ),
+        ("no-record", "error: {path}: the model file records no class names, image shape or views"),
     ],
 )
 def test_bad_or_missing_onnx_files_fail_in_one_line(
     tiny_run: Path, tmp_path: Path, content: bytes | str | None, message: str
 ) -> None:
     path = tmp_path / "model.onnx"
-    if content == "wrong-shape":
+    if content in ("wrong-shape", "no-record"):
         import onnx
         from onnx import TensorProto, helper
 
         value = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3])
         out = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3])
         graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", [value], [out])
-        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)]), str(path))
+        graph_model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
+        if content == "wrong-shape":  # a record like export writes, for Fashion-MNIST's 28×28 and 10 classes
+            helper.set_model_props(graph_model, {k: json.dumps(v) for k, v in FASHION_RECORD.metadata().items()})
+        onnx.save(graph_model, str(path))
     elif content is not None:
         path.write_bytes(content)
     result = run_module("stages.predict", "pngs/000.png", "--model", str(path), cwd=tiny_run)

@@ -316,10 +316,13 @@ def test_killed_training_keeps_old_model_and_rerun_completes(work: Path, sig: si
     ("breakage", "message"),
     [
         (lambda w: (w / "data/model/model.keras").unlink(), "data/model/model.keras: model file not found"),
-        (lambda w: (w / "data/model/model.keras").write_bytes(b"garbage"), "data/model/model.keras: cannot load model"),
+        (
+            lambda w: (w / "data/model/model.keras").write_bytes(b"garbage"),
+            "data/model/model.keras: cannot read the model's metadata",
+        ),
         (
             lambda w: save_wrong_shape_model(w / "data/model/model.keras"),
-            "model maps (32, 32) to (10,), expected 28×28",
+            "model maps (32, 32) to (10,), but its file records (28, 28) images of 10 classes",
         ),
         (lambda w: (w / "data/prepared/x_test.npy").write_bytes(b"\x93NUMPY"), "cannot load split 'test'"),
     ],

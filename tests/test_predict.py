@@ -151,12 +151,12 @@ def test_predict_npy_and_text_output(tiny_run: Path, tmp_path: Path) -> None:
         (
             lambda d: (d / "bad.keras").write_bytes(b"PK\x03\x04 not a zip"),
             ["pngs/000.png", "--model", "bad.keras"],
-            "error: bad.keras: cannot load model",
+            "error: bad.keras: cannot read the model's metadata",
         ),
         (
             lambda d: save_wrong_shape_model(d / "wrong.keras"),
             ["pngs/000.png", "--model", "wrong.keras"],
-            "error: wrong.keras: model maps (32, 32) to (10,), expected 28×28 to 10 classes",
+            "error: wrong.keras: model maps (32, 32) to (10,), but its file records (28, 28) images of 10 classes",
         ),
     ],
     ids=[

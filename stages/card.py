@@ -129,7 +129,14 @@ def render(run: Run) -> str:
              f"{exp['onnx']['top1_agreement']:.2%}", f"{exp['onnx']['max_abs_diff']:.1e}"],
         ],
     )  # fmt: skip
-    hashes = "\n".join(f"  - `{name}`: `{digest}`" for name, digest in run.data.sha256.items())
+    if run.data.format == "idx":
+        source = "- Its files, verified by SHA-256 of their decompressed bytes before use:\n" + "\n".join(
+            f"  - `{name}`: `{digest}`" for name, digest in (run.data.sha256 or {}).items()
+        )
+    else:
+        folders = f"`{run.data.root}`" + (f" (test: `{run.data.test_root}`)" if run.data.test_root else "")
+        source = f"- The pictures of {folders}, one sub-folder per class; SHA-256 of their names and bytes: "
+        source += f"`{run.dataset.content_sha256}`."
     record = run.record
     views = (
         f"{len(record.views)} views (the image"
@@ -137,11 +144,12 @@ def render(run: Run) -> str:
         + (", each also mirrored left-right" if record.views.flip else "")
         + "), probabilities averaged"
     )
-    height, width = record.image_shape
+    size = "×".join(str(d) for d in record.image_shape[:2])
+    rgb = len(record.image_shape) == 3
     photo_fit = (
-        f"resizes it to {height}×{width}"
-        if record.photo_fit == "resize"
-        else f"inverts a light background, crops to the object, scales it to fit {height}×{width} and centers it"
+        f"resizes it to {size}"
+        if record.photo_fit == "resize" or rgb
+        else f"inverts a light background, crops to the object, scales it to fit {size} and centers it"
     )
     sizes = run.dataset.counts
     most_often = (
@@ -156,8 +164,9 @@ def render(run: Run) -> str:
         "dataset": run.dataset.name,
         "description": run.data.description,
         "classes": len(record.class_names),
-        "height": height,
-        "width": width,
+        "size": size,
+        "shape": "×".join(str(d) for d in record.image_shape),
+        "color": "RGB" if rgb else "grayscale",
         "photo_fit": photo_fit,
         "m": run.metrics,
         "sizes": sizes,
@@ -173,7 +182,7 @@ def render(run: Run) -> str:
         "parity_atol": PARITY_ATOL,
         "formats": formats,
         "saved_model_dir": SAVED_MODEL_DIR,
-        "hashes": hashes,
+        "source": source,
         "val_fraction": run.prepare.val_fraction,
         "split_seed": run.prepare.seed,
         "train_seed": run.train.seed,

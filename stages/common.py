@@ -42,9 +42,11 @@ class DatasetInfo:
 
     name: str
     class_names: tuple[str, ...]
-    image_shape: tuple[int, int]
+    image_shape: tuple[int, ...]  # height, width; then 3 for RGB
     photo_fit: str  # how wardrobe-predict fits a photo to these images (conf/data: photo_fit)
     counts: dict[str, int]
+    # SHA-256 of what was read: the pinned file hashes (idx), every picture's name and bytes (folder).
+    content_sha256: str
 
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "class_names": list(self.class_names), "image_shape": list(self.image_shape)}
@@ -57,12 +59,15 @@ def read_dataset(prepared_dir: Path) -> DatasetInfo:
         info = DatasetInfo(
             name=str(raw["name"]),
             class_names=tuple(str(name) for name in raw["class_names"]),
-            image_shape=(int(raw["image_shape"][0]), int(raw["image_shape"][1])),
+            image_shape=tuple(int(d) for d in raw["image_shape"]),
             photo_fit=str(raw["photo_fit"]),
             counts={str(k): int(v) for k, v in raw["counts"].items()},
+            content_sha256=str(raw["content_sha256"]),
         )
     except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
         raise WardrobeError(f"{path}: not a dataset record ({exc!r}); run `dvc repro prepare`") from None
+    if len(info.image_shape) not in (2, 3):
+        raise WardrobeError(f"{path}: image_shape must be [height, width] or [height, width, 3]")
     return info
 
 
@@ -77,7 +82,7 @@ def load_split(prepared_dir: Path, split: str, mmap: bool = False) -> tuple[np.n
         raise WardrobeError(f"{x_path.parent}: cannot load split {split!r}: {exc}") from exc
     if x.shape[1:] != shape or x.dtype != np.float32 or y.shape != (x.shape[0],):
         raise WardrobeError(
-            f"{x_path}: expected N×{shape[0]}×{shape[1]} float32 with {x.shape[0]} labels, "
+            f"{x_path}: expected N×{'×'.join(map(str, shape))} float32 with {x.shape[0]} labels, "
             f"got {x.shape} {x.dtype} and labels {y.shape}"
         )
     return x, y

@@ -102,7 +102,7 @@ class ScaledBiasSGD(_ScaledBatchNormBiasRate, keras.optimizers.SGD):
 
 
 class TestTimeViews(keras.layers.Layer):
-    """N×H×W images → V×N×H×W: the test-time views (modelfile.Views.offsets) as graph ops, for
+    """N×H×W(×C) images → V×N×H×W(×C): the test-time views (modelfile.Views.offsets) as graph ops, for
     export's serving graph; no trained model holds it.
 
     A shifted view is the zero-padded image cropped back to size, exactly modelfile.shifted.
@@ -113,9 +113,10 @@ class TestTimeViews(keras.layers.Layer):
         self.views = views
 
     def call(self, images: keras.KerasTensor) -> keras.KerasTensor:
-        height, width = images.shape[1:]
+        height, width = images.shape[1:3]
         pad = max([abs(d) for dy, dx, _ in self.views for d in (dy, dx)] + [0])
-        padded = keras.ops.pad(images, [[0, 0], [pad, pad], [pad, pad]]) if pad else images
+        channels = [[0, 0]] * (len(images.shape) - 3)  # RGB images: the channel axis is not padded
+        padded = keras.ops.pad(images, [[0, 0], [pad, pad], [pad, pad], *channels]) if pad else images
         stacked = []
         for dy, dx, mirror in self.views:
             view = padded[:, pad - dy : pad - dy + height, pad - dx : pad - dx + width]

@@ -9,8 +9,8 @@ from stages.layers import FusedBatchNormalization
 from stages.params import TrainParams
 
 
-def build_model(params: TrainParams, image_shape: tuple[int, int], num_classes: int) -> keras.Model:
-    """Return an uncompiled model mapping N×height×width floats in [0, 1] to the probabilities of
+def build_model(params: TrainParams, image_shape: tuple[int, ...], num_classes: int) -> keras.Model:
+    """Return an uncompiled model mapping N×height×width(×3) floats in [0, 1] to the probabilities of
     num_classes classes (the prepared data's shape and class count: common.DatasetInfo).
 
     Flips and shifts are applied to whole batches by the input pipeline (train.augment_batch),
@@ -20,7 +20,7 @@ def build_model(params: TrainParams, image_shape: tuple[int, int], num_classes: 
     inputs = keras.Input(shape=image_shape, name="image")
     x = inputs
     if params.augment_erase:
-        x = keras.layers.Reshape((*image_shape, 1))(x)
+        x = keras.layers.Reshape(with_channels(image_shape))(x)
         x = keras.layers.RandomErasing(factor=params.augment_erase, scale=(0.02, 0.25), seed=params.seed)(x)
         x = keras.layers.Reshape(image_shape)(x)
     if params.arch == "mlp":
@@ -35,7 +35,12 @@ def build_model(params: TrainParams, image_shape: tuple[int, int], num_classes: 
     return keras.Model(inputs, outputs, name=params.arch)
 
 
-def _conv_trunk(x: keras.KerasTensor, params: TrainParams, image_shape: tuple[int, int]) -> keras.KerasTensor:
+def with_channels(image_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """H×W grayscale gets a channel axis for the convolutions; H×W×3 has one."""
+    return image_shape if len(image_shape) == 3 else (*image_shape, 1)
+
+
+def _conv_trunk(x: keras.KerasTensor, params: TrainParams, image_shape: tuple[int, ...]) -> keras.KerasTensor:
     """Blocks of 3×3 convs with BatchNorm and ReLU, each halving the resolution once.
 
     pool_first (the CIFAR-10 speed-run block): conv → pool → BN → ReLU, then the block's other
@@ -43,7 +48,7 @@ def _conv_trunk(x: keras.KerasTensor, params: TrainParams, image_shape: tuple[in
     Otherwise (conv → BN → ReLU) × n, then pool.
     """
     assert params.filters and params.convs_per_block and params.bn_momentum, "the schema requires them for cnn"
-    x = keras.layers.Reshape((*image_shape, 1))(x)
+    x = keras.layers.Reshape(with_channels(image_shape))(x)
     for filters, convs in zip(params.filters, params.convs_per_block, strict=True):
         for index in range(convs):
             x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False)(x)
@@ -87,15 +92,18 @@ def initialize_convs(model: keras.Model, params: TrainParams, images: np.ndarray
 
 
 def whitening_filters(images: np.ndarray, size: int = 3, epsilon: float = 5e-4) -> np.ndarray:
-    """size×size×1×(2·size²) conv filters that whiten the images' patches (eigenvectors of the
-    patch covariance over sqrt(eigenvalue + epsilon), largest first), then their negatives."""
+    """size×size×C×(2·size²·C) conv filters that whiten the images' patches (eigenvectors of the
+    patch covariance over sqrt(eigenvalue + epsilon), largest first), then their negatives.
+    C is 1 for N×H×W (grayscale) images, 3 for N×H×W×3."""
     sample = images[: min(len(images), 5000)].astype(np.float64)
-    patches = np.lib.stride_tricks.sliding_window_view(sample, (size, size), axis=(1, 2))
-    patches = patches.reshape(-1, size * size)
+    sample = sample if sample.ndim == 4 else sample[..., None]
+    channels = sample.shape[-1]
+    patches = np.lib.stride_tricks.sliding_window_view(sample, (size, size), axis=(1, 2))  # N×h×w×C×size×size
+    patches = np.moveaxis(patches, 3, -1).reshape(-1, size * size * channels)
     eigenvalues, eigenvectors = np.linalg.eigh(np.cov(patches, rowvar=False))
     order = np.argsort(eigenvalues)[::-1]
     scaled = eigenvectors[:, order] / np.sqrt(eigenvalues[order] + epsilon)
-    filters = np.concatenate([scaled, -scaled], axis=1).reshape(size, size, 1, -1)
+    filters = np.concatenate([scaled, -scaled], axis=1).reshape(size, size, channels, -1)
     return filters.astype(np.float32)
 
 

@@ -63,7 +63,7 @@ class ModelRecord:
 
     views: Views
     class_names: tuple[str, ...]
-    image_shape: tuple[int, int]
+    image_shape: tuple[int, ...]  # height, width; then 3 for RGB
     photo_fit: str  # how wardrobe-predict fits a photo to the training images (conf/data: photo_fit)
     dataset: str
 
@@ -87,7 +87,7 @@ def parse_record(metadata: dict[str, Any], where: Path) -> ModelRecord:
         or len(classes) < 2
         or not all(isinstance(c, str) for c in classes)
         or not isinstance(shape, list)
-        or len(shape) != 2
+        or len(shape) not in (2, 3)
         or not all(isinstance(d, int) and d > 0 for d in shape)
         or not isinstance(flip, bool)
     ):
@@ -98,7 +98,7 @@ def parse_record(metadata: dict[str, Any], where: Path) -> ModelRecord:
     return ModelRecord(
         Views(flip, int(metadata.get(SHIFT_KEY, 0))),
         tuple(classes),
-        (shape[0], shape[1]),
+        tuple(shape),
         str(metadata.get(PHOTO_FIT_KEY, "resize")),
         str(metadata.get(DATASET_KEY, "")),
     )
@@ -175,7 +175,7 @@ def load_model(path: Path, record: ModelRecord | None = None) -> Any:
 def shifted(x: np.ndarray, dy: int, dx: int) -> np.ndarray:
     """N×H×W images moved dy pixels down and dx right, zero-filled (the background is 0)."""
     out = np.zeros_like(x)
-    height, width = x.shape[1:]
+    height, width = x.shape[1:3]
     out[:, max(dy, 0) : height + min(dy, 0), max(dx, 0) : width + min(dx, 0)] = x[
         :, max(-dy, 0) : height + min(-dy, 0), max(-dx, 0) : width + min(-dx, 0)
     ]
@@ -267,6 +267,6 @@ def load_onnx_classifier(path: Path) -> OnnxClassifier:
         found = (
             ", ".join(f"{i.name} {i.type} {i.shape}" for i in inputs) + " → " + ", ".join(str(o.shape) for o in outputs)
         )
-        height, width = record.image_shape
-        raise WardrobeError(f"{path}: ONNX model maps {found}, expected float N×{height}×{width} to N×{classes}")
+        shape = "×".join(str(d) for d in record.image_shape)
+        raise WardrobeError(f"{path}: ONNX model maps {found}, expected float N×{shape} to N×{classes}")
     return OnnxClassifier(session, record)

@@ -41,29 +41,43 @@ NON_EMPTY = _rule(lambda v: len(v) > 0, "must not be empty")
 POSITIVE_INTS = _rule(lambda v: len(v) > 0 and all(f > 0 for f in v), "must be positive ints")
 
 
+IMAGE_SIZE = _rule(lambda v: len(v) == 2 and min(v) >= 8, "must be [height, width], each >= 8")
+CHANNELS = _rule(lambda v: v in (1, 3), "must be 1 or 3")
 # The sets of a dataset: `train` (validation is split from it) and `test` (held out).
 DATA_SETS = ("train", "test")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class DataParams:
     """The dataset (conf/data/NAME.yaml): what prepare reads and records; no stage names one."""
 
     name: str = field(metadata=NON_EMPTY)
     description: str
-    format: Literal["idx"]
-    # Each set's IDX files, images then labels.
-    files: dict[str, tuple[str, ...]]
-    # Ordered: local directories (holding NAME.gz or NAME), then https:// mirrors (NAME.gz).
-    sources: tuple[str, ...] = field(metadata=NON_EMPTY)
-    # SHA-256 of each *decompressed* IDX file; recompressed .gz copies still verify.
-    sha256: dict[str, str]
-    # Label i is class_names[i].
-    class_names: tuple[str, ...]
+    # idx: MNIST-format files, verified by hash; folder: one sub-folder of pictures per class.
+    format: Literal["idx", "folder"]
+    # idx only: each set's IDX files, images then labels.
+    files: dict[str, tuple[str, ...]] | None = field(default=None, metadata={"format": "idx"})
+    # idx only. Ordered: local directories (holding NAME.gz or NAME), then https:// mirrors (NAME.gz).
+    sources: tuple[str, ...] | None = field(default=None, metadata={**NON_EMPTY, "format": "idx"})
+    # idx only: SHA-256 of each *decompressed* IDX file; recompressed .gz copies still verify.
+    sha256: dict[str, str] | None = field(default=None, metadata={"format": "idx"})
+    # idx only: label i is class_names[i] (a folder's classes are its sub-folders, sorted).
+    class_names: tuple[str, ...] | None = field(default=None, metadata={"format": "idx"})
+    # folder only: the training pictures, ROOT/CLASS/*.png|jpg|jpeg|bmp|gif; validation is split from them.
+    root: str | None = field(default=None, metadata={**NON_EMPTY, "format": "folder"})
+    # folder only: test pictures in the same layout; "" splits test_fraction off root instead.
+    test_root: str | None = field(default=None, metadata={"format": "folder"})
+    test_fraction: float | None = field(default=None, metadata={**FRACTION, "format": "folder"})
+    # folder only: every picture is resized to height × width, in grayscale (1) or RGB (3).
+    image_size: tuple[int, ...] | None = field(default=None, metadata={**IMAGE_SIZE, "format": "folder"})
+    channels: int | None = field(default=None, metadata={**CHANNELS, "format": "folder"})
     # wardrobe-predict: object = invert a light background and crop to the object; resize = plain.
     photo_fit: Literal["object", "resize"]
 
     def __post_init__(self) -> None:
+        if self.format != "idx":
+            return
+        assert self.files is not None and self.sha256 is not None and self.class_names is not None, "the schema"
         if sorted(self.files) != sorted(DATA_SETS) or any(len(pair) != 2 for pair in self.files.values()):
             raise WardrobeError(f"files: must map {' and '.join(DATA_SETS)} each to [images file, labels file]")
         names = self.file_names()
@@ -75,7 +89,7 @@ class DataParams:
             raise WardrobeError("class_names: a name is empty")
 
     def file_names(self) -> tuple[str, ...]:
-        return tuple(name for data_set in DATA_SETS for name in self.files.get(data_set, ()))
+        return tuple(name for data_set in DATA_SETS for name in (self.files or {}).get(data_set, ()))
 
 
 @dataclass(frozen=True)
@@ -293,10 +307,12 @@ def _build(cls: type, raw: Any, where: str) -> Any:
     kwargs = {}
     for name, fld in fields.items():
         key = f"{where}.{name}"
-        only_for = fld.metadata.get("arch")
-        if only_for is not None and values.get("arch") != only_for:
+        gate = next((gate for gate in ("arch", "format") if gate in fld.metadata), None)
+        if gate is not None and values.get(gate) != fld.metadata[gate]:
             if name in values:
-                raise WardrobeError(f"{key}: only arch {only_for} uses it, not {values.get('arch')}; remove it")
+                raise WardrobeError(
+                    f"{key}: only {gate} {fld.metadata[gate]} uses it, not {values.get(gate)}; remove it"
+                )
             continue  # keeps the dataclass default (None)
         value = _coerce(_required(values, name, f"{where}."), hints[name], key)
         check: Check | None = fld.metadata.get("check")

@@ -20,20 +20,17 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
 from stages.common import WardrobeError, run_main
+from stages.images import IMAGE_SUFFIXES, decode_image, resize
 from stages.modelfile import Classifier, ModelRecord, load_keras_classifier, load_onnx_classifier, read_record
 from stages.outputs import MODEL_PATH, ONNX_PATH
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif"}
-# Decoding is refused above this many pixels (a 64-megapixel photo), before any pixel is read.
-MAX_PIXELS = 64_000_000
 # Pixels at most this dark (0..255) count as background when finding the object's bounding box.
 BACKGROUND_LEVEL = 24
 
@@ -55,9 +52,7 @@ def to_training_format(gray: np.ndarray, shape: tuple[int, int], photo_fit: str 
     unchanged. resize: the whole picture resized to `shape`, nothing else.
     """
     if photo_fit == "resize":
-        if gray.shape != shape:
-            gray = np.asarray(Image.fromarray(gray).resize(shape[::-1], Image.Resampling.LANCZOS))
-        return gray.astype(np.float32) / 255.0
+        return resize(gray, shape).astype(np.float32) / 255.0
     border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
     if border.mean() > 127:
         gray = 255 - gray
@@ -78,35 +73,13 @@ def to_training_format(gray: np.ndarray, shape: tuple[int, int], photo_fit: str 
 
 def load_image(path: Path, record: ModelRecord) -> np.ndarray:
     """Decode one image file (first frame) to the model's image shape; bad files raise WardrobeError."""
-    try:
-        # PIL reads only the header at open. Its own bomb check (a warning above its
-        # MAX_IMAGE_PIXELS, about 89 megapixels, made fatal here; an error above twice that) fires
-        # there; the lower cap is checked from the same header, before any pixel is decoded, without
-        # changing PIL's process-wide limit.
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(path)
-        with image:
-            if image.width * image.height > MAX_PIXELS:
-                raise Image.DecompressionBombError(f"{image.width}×{image.height}")
-            image.seek(0)
-            if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
-                # Transparent parts become white, like the page behind a product cut-out.
-                background = Image.new("RGBA", image.size, "white")
-                image = Image.alpha_composite(background, image.convert("RGBA"))
-            gray = np.asarray(ImageOps.grayscale(image.convert("RGB")))
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise WardrobeError(f"{path}: image is over the {MAX_PIXELS:,}-pixel cap") from exc
-    except UnidentifiedImageError as exc:
-        raise WardrobeError(f"{path}: not a readable image ({type(exc).__name__})") from exc
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise WardrobeError(f"{path}: cannot decode image: {' '.join(str(exc).split())[:120]}") from exc
-    if gray.size == 0:
-        raise WardrobeError(f"{path}: image has no pixels")
-    return to_training_format(gray, record.image_shape, record.photo_fit)
+    height, width, *channels = record.image_shape
+    if channels:  # RGB: a plain resize (the object fit is for grayscale on black)
+        return resize(decode_image(path, 3), (height, width)).astype(np.float32) / 255.0
+    return to_training_format(decode_image(path, 1), (height, width), record.photo_fit)
 
 
-def load_array(path: Path, shape: tuple[int, int]) -> np.ndarray:
+def load_array(path: Path, shape: tuple[int, ...]) -> np.ndarray:
     """A .npy of images of `shape`; uint8 means 0..255, floats must already be in [0, 1]."""
     try:
         array = np.load(path, allow_pickle=False)
@@ -114,9 +87,9 @@ def load_array(path: Path, shape: tuple[int, int]) -> np.ndarray:
         raise WardrobeError(f"{path}: not a readable .npy array ({' '.join(str(exc).split())[:120]})") from exc
     if array.shape == shape:
         array = array[None]
-    if array.ndim != 3 or array.shape[1:] != shape or len(array) == 0:
-        height, width = shape
-        raise WardrobeError(f"{path}: expected shape N×{height}×{width} or {height}×{width}, got {array.shape}")
+    if array.shape[1:] != shape or len(array) == 0:
+        one = "×".join(str(d) for d in shape)
+        raise WardrobeError(f"{path}: expected shape N×{one} or {one}, got {array.shape}")
     if array.dtype == np.uint8:
         return array.astype(np.float32) / 255.0
     if not np.issubdtype(array.dtype, np.floating):

@@ -1,8 +1,9 @@
-"""prepare: fetch the dataset's IDX files (params `data`, conf/data/), verify them, normalize,
-split, save `.npy` and record what it made (dataset.json: class names, image shape, counts).
+"""prepare: read the dataset (params `data`, conf/data/), verify it, normalize, split, save `.npy`
+and record what it made (dataset.json: class names, image shape, counts, a hash of the content).
 
-Each file comes from the first source in `data.sources` whose decompressed bytes match the
-pinned SHA-256, so a recompressed local copy (Debian's package) and the upstream mirrors agree.
+IDX datasets: each file comes from the first source in `data.sources` whose decompressed bytes
+match the pinned SHA-256, so a recompressed local copy (Debian's package) and the upstream mirrors
+agree. Image folders: ROOT/CLASS/PICTURE, every picture decoded and resized to `data.image_size`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from stages.common import DATASET_FILE, DatasetInfo, WardrobeError, atomic_dir, run_main, split_paths
+from stages.images import IMAGE_SUFFIXES, decode_image, resize
 from stages.outputs import PREPARED_DIR
 from stages.params import DataParams, PrepareParams, load_section
 
@@ -154,27 +156,126 @@ def fetch_verified(name: str, data: DataParams, params: PrepareParams) -> bytes:
 
 
 Splits = dict[str, tuple[np.ndarray, np.ndarray]]
+Labelled = tuple[np.ndarray, np.ndarray]  # uint8 images, uint8 labels
 
 
-def load_dataset(data: DataParams, params: PrepareParams) -> tuple[Splits, DatasetInfo]:
-    """Fetch, verify, parse and split: (images, labels) of train, val and test, and their record."""
+def load_idx(data: DataParams, params: PrepareParams) -> tuple[Labelled, Labelled]:
+    """The train and test sets of an IDX dataset, fetched and verified."""
+    assert data.files is not None and data.class_names is not None, "the schema requires them for idx"
     sets = {}
     for name, (images_name, labels_name) in data.files.items():
         images = parse_idx(fetch_verified(images_name, data, params), images_name)
         labels = parse_idx(fetch_verified(labels_name, data, params), labels_name)
         check_pair(images, labels, len(data.class_names), f"{name} set")
-        sets[name] = normalize(images), labels.astype(np.uint8)
-    (x_all, y_all), test = sets["train"], sets["test"]
+        sets[name] = images, labels
+    return sets["train"], sets["test"]
+
+
+Pictures = list[tuple[Path, int]]  # each picture file with its label
+
+
+def list_pictures(root: Path, class_names: tuple[str, ...] | None = None) -> tuple[tuple[str, ...], Pictures]:
+    """ROOT/CLASS/PICTURE: the classes (the sub-folders, sorted; `class_names` if given must match)
+    and each picture with its label, ordered by file name, then class. Hidden entries (a leading
+    dot) are skipped; any other file that is not a picture is refused, naming it."""
+    if not root.is_dir():
+        raise WardrobeError(f"{root}: no such folder")
+    classes = tuple(sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")))
+    if class_names is not None and classes != class_names:
+        raise WardrobeError(f"{root}: class folders {list(classes)}, not the training folder's {list(class_names)}")
+    if len(classes) < 2:
+        raise WardrobeError(f"{root}: needs a sub-folder per class, at least two; found {list(classes)}")
+    pictures = []
+    for label, name in enumerate(classes):
+        files = sorted(f for f in (root / name).iterdir() if not f.name.startswith("."))
+        if not files:
+            raise WardrobeError(f"{root / name}: empty class folder")
+        for path in files:
+            if path.is_dir() or path.suffix.lower() not in IMAGE_SUFFIXES:
+                raise WardrobeError(
+                    f"{path}: not a picture ({', '.join(sorted(IMAGE_SUFFIXES))}); move it out of the dataset folder"
+                )
+            pictures.append((path, label))
+    pictures.sort(key=lambda picture: (picture[0].name, picture[1]))
+    return classes, pictures
+
+
+def snapshot(pictures: Pictures) -> list[tuple[str, int, int]]:
+    """Name, size and modification time of every picture: equal before and after reading, or the
+    folder changed while it was read."""
+    return [(str(path), (st := path.stat()).st_size, st.st_mtime_ns) for path, _ in pictures]
+
+
+def check_unchanged(root: Path, pictures: Pictures, before: list[tuple[str, int, int]]) -> None:
+    try:
+        changed = snapshot(pictures) != before
+    except FileNotFoundError:
+        changed = True
+    if changed:
+        raise WardrobeError(f"{root}: pictures changed while being read; run prepare again")
+
+
+def read_pictures(root: Path, pictures: Pictures, data: DataParams) -> tuple[Labelled, str]:
+    """The pictures as uint8 N×H×W (grayscale) or N×H×W×3 (RGB) at data.image_size, their labels,
+    and a SHA-256 of the folder's content (every picture's name and bytes), with progress on stderr."""
+    assert data.image_size is not None and data.channels is not None, "the schema requires them for folder"
+    size = (data.image_size[0], data.image_size[1])
+    images = np.empty((len(pictures), *size, *([3] if data.channels == 3 else [])), dtype=np.uint8)
+    content = hashlib.sha256()
+    before, shown = snapshot(pictures), -1
+    for index, (path, _) in enumerate(pictures):
+        images[index] = resize(decode_image(path, data.channels), size)
+        content.update(f"{path.relative_to(root)}\0{hashlib.sha256(path.read_bytes()).hexdigest()}\n".encode())
+        if (tenth := 10 * (index + 1) // len(pictures)) != shown:
+            shown = tenth
+            print(f"  {root}: {index + 1}/{len(pictures)} pictures", file=sys.stderr)
+    check_unchanged(root, pictures, before)
+    return (images, np.array([label for _, label in pictures], dtype=np.uint8)), content.hexdigest()
+
+
+def load_folders(data: DataParams, params: PrepareParams) -> tuple[Labelled, Labelled, tuple[str, ...], str]:
+    """The train and test sets of an image-folder dataset, its class names and content hash."""
+    assert data.root is not None and data.test_fraction is not None, "the schema requires them for folder"
+    root = Path(data.root)
+    classes, pictures = list_pictures(root)
+    train, content = read_pictures(root, pictures, data)
+    if data.test_root:
+        test_root = Path(data.test_root)
+        test, test_content = read_pictures(test_root, list_pictures(test_root, classes)[1], data)
+        content = hashlib.sha256(f"{content}\n{test_content}".encode()).hexdigest()
+    else:
+        train_idx, test_idx = stratified_split(train[1], data.test_fraction, params.seed)
+        train, test = (train[0][train_idx], train[1][train_idx]), (train[0][test_idx], train[1][test_idx])
+    return train, test, classes, content
+
+
+def load_dataset(data: DataParams, params: PrepareParams) -> tuple[Splits, DatasetInfo]:
+    """Fetch or read, verify, split: (images, labels) of train, val and test, and their record."""
+    if data.format == "folder":
+        (x_all, y_all), test, classes, content = load_folders(data, params)
+    else:
+        (x_all, y_all), test = load_idx(data, params)
+        classes = data.class_names or ()
+        content = hashlib.sha256("".join(f"{k} {v}\n" for k, v in sorted((data.sha256 or {}).items())).encode())
+        content = content.hexdigest()
     if x_all.shape[1:] != test[0].shape[1:]:
         raise WardrobeError(f"test set: images are {test[0].shape[1:]}, the train set's {x_all.shape[1:]}")
     train_idx, val_idx = stratified_split(y_all, params.val_fraction, params.seed)
-    splits = {"train": (x_all[train_idx], y_all[train_idx]), "val": (x_all[val_idx], y_all[val_idx]), "test": test}
+    raw = {"train": (x_all[train_idx], y_all[train_idx]), "val": (x_all[val_idx], y_all[val_idx]), "test": test}
+    for split, (_, labels) in raw.items():
+        if missing := sorted(set(range(len(classes))) - set(np.unique(labels).tolist())):
+            raise WardrobeError(
+                f"{split} split: no pictures of {', '.join(classes[i] for i in missing)}; "
+                "each class needs enough pictures for the test and validation splits (or fewer held out)"
+            )
+    splits = {split: (normalize(images), labels.astype(np.uint8)) for split, (images, labels) in raw.items()}
     info = DatasetInfo(
         name=data.name,
-        class_names=data.class_names,
-        image_shape=(int(x_all.shape[1]), int(x_all.shape[2])),
+        class_names=classes,
+        image_shape=tuple(int(d) for d in x_all.shape[1:]),
         photo_fit=data.photo_fit,
         counts={split: len(labels) for split, (_, labels) in splits.items()},
+        content_sha256=content,
     )
     return splits, info
 

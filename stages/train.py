@@ -106,7 +106,7 @@ def make_dataset(
 def augment_batch(
     images: tf.Tensor, seed: tf.Tensor, flip: bool, shift: int, mirrored: tf.Tensor | None = None
 ) -> tf.Tensor:
-    """N×H×W images, a random half (or those `mirrored` says) mirrored left-right and each moved
+    """N×H×W(×C) images, a random half (or those `mirrored` says) mirrored left-right and each moved
     by whole pixels in -shift..shift per axis (zero fill: the background is 0), in a few
     whole-batch ops."""
     count, height, width = tf.shape(images)[0], images.shape[1], images.shape[2]
@@ -114,9 +114,10 @@ def augment_batch(
     if flip:
         if mirrored is None:
             mirrored = tf.random.stateless_uniform([count], flip_seed) < 0.5
-        images = tf.where(mirrored[:, None, None], images[:, :, ::-1], images)
+        mirrored = tf.reshape(mirrored, [-1] + [1] * (images.shape.rank - 1))  # over H, W (and channels)
+        images = tf.where(mirrored, images[:, :, ::-1], images)
     if shift:
-        padded = tf.pad(images, [[0, 0], [shift, shift], [shift, shift]])
+        padded = tf.pad(images, [[0, 0], [shift, shift], [shift, shift]] + [[0, 0]] * (images.shape.rank - 3))
         rows = tf.random.stateless_uniform([count, 1], row_seed, 0, 2 * shift + 1, tf.int32) + tf.range(height)
         cols = tf.random.stateless_uniform([count, 1], col_seed, 0, 2 * shift + 1, tf.int32) + tf.range(width)
         images = tf.gather(tf.gather(padded, rows, axis=1, batch_dims=1), cols, axis=2, batch_dims=1)

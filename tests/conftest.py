@@ -13,6 +13,7 @@ import socket
 import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,7 @@ FASHION_MNIST = yaml.safe_load((REPO / "conf/data/fashion_mnist.yaml").read_text
 CLASS_NAMES: tuple[str, ...] = tuple(FASHION_MNIST["class_names"])
 IDX_FILES: tuple[str, ...] = tuple(name for pair in FASHION_MNIST["files"].values() for name in pair)
 # What prepare records for it, and what train writes into a model file of it (any views).
-FASHION_INFO = DatasetInfo(FASHION_MNIST["name"], CLASS_NAMES, (28, 28), FASHION_MNIST["photo_fit"], {})
+FASHION_INFO = DatasetInfo(FASHION_MNIST["name"], CLASS_NAMES, (28, 28), FASHION_MNIST["photo_fit"], {}, "")
 FASHION_RECORD = ModelRecord(Views(True), CLASS_NAMES, (28, 28), FASHION_MNIST["photo_fit"], FASHION_MNIST["name"])
 TRAIN_PER_CLASS = 12
 TEST_PER_CLASS = 4
@@ -186,6 +187,15 @@ def make_project(repo: Path, params: dict) -> Path:
     sh(repo, "git", "add", "-A")
     sh(repo, "git", "commit", "-qm", "project")
     return repo
+
+
+def png_claiming(path: Path, width: int, height: int) -> None:
+    """A tiny PNG whose header claims a huge size (valid CRC): the cap must act before decoding."""
+    Image.new("L", (4, 4)).save(path)
+    data = bytearray(path.read_bytes())
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    path.write_bytes(bytes(data))
 
 
 def free_port() -> int:

@@ -14,8 +14,25 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from PIL import Image
 
-from tests.conftest import REPO, TINY, committed_params, idx_bytes, make_project, run_module, sh
+from stages.common import WardrobeError
+from stages.params import DataParams, PrepareParams, parse_params
+from stages.prepare import check_unchanged, list_pictures, load_dataset, snapshot
+from tests.conftest import (
+    CLASS_NAMES,
+    REPO,
+    TEST_PER_CLASS,
+    TINY,
+    TRAIN_PER_CLASS,
+    committed_params,
+    idx_bytes,
+    make_project,
+    png_claiming,
+    run_module,
+    sh,
+    synthetic_images,
+)
 
 # A made-up dataset unlike Fashion-MNIST in everything the code could have assumed: 4 classes,
 # 12×16 images (not square), its own file names.
@@ -77,6 +94,7 @@ def test_another_idx_dataset_runs_end_to_end_through_dash_s_only(
         "image_shape": list(SHAPE),
         "photo_fit": "resize",
         "counts": {"train": 88, "val": 32, "test": 40},  # val: round(30 × 0.25) = 8 of each class
+        "content_sha256": record["content_sha256"],  # of the pinned hashes: checked by test_prepare
     }
     assert np.load(repo / "data/prepared/x_test.npy").shape == (40, *SHAPE)
     metrics = json.loads((repo / "metrics/metrics.json").read_text())
@@ -103,3 +121,229 @@ def test_another_idx_dataset_runs_end_to_end_through_dash_s_only(
     too_many = run_module("stages.predict", "four.npy", "--top-k", "5", cwd=repo)
     assert too_many.returncode == 1
     assert too_many.stderr.strip() == "error: --top-k 5: the model knows 4 classes"
+
+
+# ---- image folders --------------------------------------------------------------------------------
+
+
+def write_folder(root: Path, images: np.ndarray, labels: np.ndarray, class_folders: list[str]) -> None:
+    """ROOT/CLASS/NNNNN.png, the file names numbering the images in their original order."""
+    for index, (image, label) in enumerate(zip(images, labels, strict=True)):
+        folder = root / class_folders[label]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(folder / f"{index:05d}.png")
+
+
+def folder_params(root: Path, **overrides: object) -> DataParams:
+    fields = {
+        "name": "Folder",
+        "description": "pictures in folders",
+        "format": "folder",
+        "root": str(root),
+        "test_root": "",
+        "test_fraction": 0.25,
+        "image_size": (28, 28),
+        "channels": 1,
+        "photo_fit": "resize",
+    }
+    return DataParams(**{**fields, **overrides})
+
+
+PREPARE = PrepareParams(val_fraction=0.25, seed=42, download_timeout_s=1, max_download_mb=1)
+
+
+def test_the_idx_files_as_a_folder_of_pngs_give_the_same_arrays_byte_for_byte(
+    tmp_path: Path, idx_source: tuple[Path, dict[str, str]]
+) -> None:
+    """The synthetic Fashion-MNIST files written out as class folders of PNGs (folder names that
+    sort in label order) prepare to exactly the IDX path's arrays, labels and split."""
+    folders = [f"{label}-{name.replace('/', '_')}" for label, name in enumerate(CLASS_NAMES)]
+    train, test = synthetic_images(TRAIN_PER_CLASS, seed=1), synthetic_images(TEST_PER_CLASS, seed=2)
+    write_folder(tmp_path / "train", *train, folders)
+    write_folder(tmp_path / "test", *test, folders)
+    idx_data = parse_params(committed_params(*idx_source)).data
+    from_idx, idx_info = load_dataset(idx_data, PREPARE)
+    data = folder_params(tmp_path / "train", test_root=str(tmp_path / "test"), photo_fit="object")
+    from_folder, folder_info = load_dataset(data, PREPARE)
+    for split in ("train", "val", "test"):
+        for want, got in zip(from_idx[split], from_folder[split], strict=True):
+            assert want.dtype == got.dtype and want.shape == got.shape
+            assert want.tobytes() == got.tobytes(), split
+    assert folder_info.class_names == tuple(folders) and folder_info.image_shape == idx_info.image_shape == (28, 28)
+    assert folder_info.counts == idx_info.counts
+
+
+def test_a_folder_is_read_resized_in_rgb_split_and_hashed(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    for name, count in (("cats", 8), ("dogs", 8), ("owls", 8)):
+        (tmp_path / "pics" / name).mkdir(parents=True)
+        for i in range(count):
+            Image.fromarray(rng.integers(0, 256, (40, 30, 3), dtype=np.uint8)).save(tmp_path / f"pics/{name}/{i}.jpg")
+    (tmp_path / "pics/.DS_Store").write_bytes(b"hidden: skipped")
+    data = folder_params(tmp_path / "pics", image_size=(32, 24), channels=3)
+    splits, info = load_dataset(data, PREPARE)
+    assert info.class_names == ("cats", "dogs", "owls") and info.image_shape == (32, 24, 3)
+    assert info.counts == {"train": 12, "val": 6, "test": 6}  # 2 of each class held out, then 2 of the rest
+    assert splits["train"][0].shape == (12, 32, 24, 3) and splits["train"][0].dtype == np.float32
+    assert sorted(np.bincount(splits["test"][1]).tolist()) == [2, 2, 2]
+    _, info_again = load_dataset(data, PREPARE)
+    assert info_again.content_sha256 == info.content_sha256
+    Image.fromarray(np.zeros((40, 30, 3), np.uint8)).save(tmp_path / "pics/owls/0.jpg")
+    assert load_dataset(data, PREPARE)[1].content_sha256 != info.content_sha256
+
+
+def _two_classes(root: Path, per_class: int = 4) -> None:
+    for name in ("a", "b"):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            Image.new("L", (10, 10), 40 * i).save(root / name / f"{i}.png")
+
+
+@pytest.mark.parametrize(
+    ("setup", "message"),
+    [
+        (lambda r: None, "{r}: no such folder"),
+        (lambda r: (r / "only").mkdir(parents=True), "{r}: needs a sub-folder per class, at least two; found ['only']"),
+        (lambda r: (_two_classes(r), (r / "c").mkdir()), "{r}/c: empty class folder"),
+        (lambda r: (_two_classes(r), (r / "a/notes.txt").write_text("x")), "{r}/a/notes.txt: not a picture"),
+        (lambda r: (_two_classes(r), (r / "a/9.png").write_bytes(b"\x89PNG\r\n\x1a\n")), "{r}/a/9.png: "),
+        (lambda r: (_two_classes(r), (r / "a/8.png").write_text("hello")), "{r}/a/8.png: not a readable image"),
+        (
+            lambda r: (_two_classes(r), png_claiming(r / "a/7.png", 9000, 8000)),
+            "{r}/a/7.png: image is over the 64,000,000-pixel cap",
+        ),
+        (lambda r: _two_classes(r, per_class=1), "split: no pictures of a, b; each class needs enough pictures"),
+    ],
+    ids=["missing", "one-class", "empty-class", "not-a-picture", "truncated", "unreadable", "huge", "too-few"],
+)
+def test_bad_folders_fail_in_one_line_naming_the_file(tmp_path: Path, setup, message: str) -> None:
+    root = tmp_path / "pics"
+    setup(root)
+    with pytest.raises(WardrobeError) as error:
+        load_dataset(folder_params(root, image_size=(10, 10)), PREPARE)
+    assert message.format(r=root) in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_test_folder_must_have_the_training_classes(tmp_path: Path) -> None:
+    _two_classes(tmp_path / "train")
+    _two_classes(tmp_path / "test")
+    (tmp_path / "test/b").rename(tmp_path / "test/c")
+    with pytest.raises(
+        WardrobeError, match=r"test: class folders \['a', 'c'\], not the training folder's \['a', 'b'\]"
+    ):
+        load_dataset(folder_params(tmp_path / "train", test_root=str(tmp_path / "test"), image_size=(10, 10)), PREPARE)
+
+
+def test_a_picture_that_changes_while_the_folder_is_read_is_refused(tmp_path: Path) -> None:
+    _two_classes(tmp_path / "pics")
+    _, pictures = list_pictures(tmp_path / "pics")
+    before = snapshot(pictures)
+    Image.new("L", (12, 10)).save(pictures[0][0])  # rewritten between the two looks
+    with pytest.raises(WardrobeError, match=r"pics: pictures changed while being read; run prepare again"):
+        check_unchanged(tmp_path / "pics", pictures, before)
+    pictures[1][0].unlink()
+    with pytest.raises(WardrobeError, match=r"changed while being read"):
+        check_unchanged(tmp_path / "pics", pictures, before)
+
+
+# ---- RGB through the model, the augmentation and the views ------------------------------------------
+
+
+def test_rgb_images_train_augment_and_take_views_like_grayscale(
+    tmp_path: Path, idx_source: tuple[Path, dict[str, str]]
+) -> None:
+    """The cnn recipes with every speed-run option on N×H×W×3 images: builds, initialises (the
+    whitening filters span the 3 channels), trains a step, and its views and batch augmentation
+    move and mirror the pixels, not the channels."""
+    import tensorflow as tf
+
+    from stages.layers import TestTimeViews
+    from stages.modelfile import Views, shifted
+    from stages.train import augment_batch, fit
+
+    rng = np.random.default_rng(0)
+    x = rng.random((24, 16, 16, 3), dtype=np.float32)
+    y = np.tile(np.arange(3, dtype=np.uint8), 8)
+    overrides = ("train.epochs=1", "train.batch_size=8", "train.whiten_init=true", "train.identity_init=true")
+    params = parse_params(committed_params(*idx_source, *overrides)).train
+    model = fit(params, (x, y), (x, y), tmp_path / "h.csv", 3, verbose=0)
+    assert model.input_shape == (None, 16, 16, 3) and model.output_shape == (None, 3)
+    first_conv = next(layer for layer in model.layers if isinstance(layer, keras_conv()))
+    assert first_conv.kernel.shape[2] == 3
+
+    views = Views(True, 1).offsets()
+    got = np.asarray(TestTimeViews(views)(x[:2]))
+    want = [(shifted(x[:2], dy, dx)[:, :, ::-1] if mirror else shifted(x[:2], dy, dx)) for dy, dx, mirror in views]
+    np.testing.assert_array_equal(got, np.stack(want))
+    assert got.shape == (10, 2, 16, 16, 3)
+
+    batch = tf.constant(x[:4])
+    mirrored = augment_batch(batch, tf.constant([1, 2], tf.int64), True, 0, tf.constant([True, False, True, False]))
+    np.testing.assert_array_equal(mirrored.numpy(), np.stack([x[0, :, ::-1], x[1], x[2, :, ::-1], x[3]]))
+    moved = augment_batch(batch, tf.constant([3, 4], tf.int64), False, 2).numpy()
+    assert moved.shape == (4, 16, 16, 3)
+    for image, original in zip(moved, x[:4], strict=True):  # each a whole-pixel move of all 3 channels
+        assert any(
+            np.array_equal(image, shifted(original[None], dy, dx)[0]) for dy in range(-2, 3) for dx in range(-2, 3)
+        )
+
+
+def keras_conv() -> type:
+    import keras
+
+    return keras.layers.Conv2D
+
+
+PETS = ("cat", "dog", "owl")
+
+
+@pytest.mark.pipeline
+def test_a_folder_of_rgb_pictures_runs_end_to_end_and_predicts_with_its_class_names(
+    tmp_path: Path, idx_source: tuple[Path, dict[str, str]]
+) -> None:
+    """A user's own pictures: 3 class folders of 32×32 RGB PNGs, one conf/data file, `-S data=pets`;
+    all five stages (the export parity gate included), the card, predict under both runtimes."""
+    repo = make_project(tmp_path / "project", committed_params(*idx_source))
+    shutil.copy(REPO / "conf/config.yaml", repo / "conf/config.yaml")
+    colours = np.random.default_rng(0).integers(0, 256, (len(PETS), 32, 32, 3))
+    rng = np.random.default_rng(1)
+    for label, name in enumerate(PETS):
+        (tmp_path / "pets" / name).mkdir(parents=True)
+        for i in range(20):
+            image = np.clip(colours[label] + rng.normal(0, 30, (32, 32, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(image).save(tmp_path / f"pets/{name}/{i:02d}.png")
+    config = {
+        "name": "Pets",
+        "description": "three kinds of made-up pet pictures, 32×32 RGB",
+        "format": "folder",
+        "root": str(tmp_path / "pets"),
+        "test_root": "",
+        "test_fraction": 0.25,
+        "image_size": [32, 32],
+        "channels": 3,
+        "photo_fit": "resize",
+    }
+    (repo / "conf/data/pets.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-qm", "my pictures")
+
+    sh(repo, "dvc", "exp", "run", *[arg for override in ("data=pets", *TINY) for arg in ("-S", override)])
+
+    record = json.loads((repo / "data/prepared/dataset.json").read_text())
+    assert record["class_names"] == list(PETS) and record["image_shape"] == [32, 32, 3]
+    assert record["counts"] == {"train": 33, "val": 12, "test": 15}  # 5 of 20 held out per class, then 4 of 15
+    assert list(json.loads((repo / "metrics/metrics.json").read_text())["per_class"]) == list(PETS)
+    card = (repo / "metrics/model_card.md").read_text()
+    assert "classifier of Pets images into 3 classes" in card and "shape N×32×32×3" in card
+    assert "32×32 RGB pictures" in card and f"SHA-256 of their names and bytes: `{record['content_sha256']}`" in card
+    assert json.loads((repo / "metrics/export.json").read_text())["onnx"]["top1_agreement"] >= 0.9995
+
+    (repo / "mine").mkdir()
+    for name in PETS:
+        shutil.copy(tmp_path / f"pets/{name}/00.png", repo / f"mine/{name}.png")
+    for runtime in ("keras", "onnx"):
+        result = run_module("stages.predict", "mine", "--json", "--top-k", "3", "--runtime", runtime, cwd=repo)
+        assert result.returncode == 0, result.stderr
+        answers = [json.loads(line) for line in result.stdout.splitlines()]
+        assert [a["path"] for a in answers] == [f"mine/{name}.png" for name in PETS]
+        assert all(sorted(entry["class"] for entry in a["top_k"]) == sorted(PETS) for a in answers)

@@ -3,8 +3,6 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +16,7 @@ from stages.common import WardrobeError
 from stages.modelfile import Views, decide_flip, load_keras_classifier, load_model, save_model
 from stages.outputs import MODEL_PATH
 from stages.predict import collect, load_image, main, to_training_format, top_k
-from tests.conftest import CLASS_NAMES, FASHION_INFO, FASHION_RECORD, run_module, save_wrong_shape_model
+from tests.conftest import CLASS_NAMES, FASHION_INFO, FASHION_RECORD, png_claiming, run_module, save_wrong_shape_model
 
 
 def test_dark_28x28_is_taken_unchanged() -> None:
@@ -42,15 +40,6 @@ def test_top_k_orders_by_probability() -> None:
     probs = np.zeros((1, 10))
     probs[0, [3, 7, 1]] = [0.2, 0.7, 0.1]
     assert top_k(probs, 2, CLASS_NAMES) == [[("Sneaker", 0.7), ("Dress", 0.2)]]
-
-
-def _png_claiming(path: Path, width: int, height: int) -> None:
-    """A tiny PNG whose header claims a huge size (valid CRC): the cap must act before decoding."""
-    Image.new("L", (4, 4)).save(path)
-    data = bytearray(path.read_bytes())
-    data[16:24] = struct.pack(">II", width, height)
-    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
-    path.write_bytes(bytes(data))
 
 
 @pytest.mark.pipeline
@@ -123,12 +112,12 @@ def test_predict_npy_and_text_output(tiny_run: Path, tmp_path: Path) -> None:
         (lambda d: (d / "z.png").write_bytes(b""), ["z.png"], "error: z.png: empty file"),
         (lambda d: (d / "t.png").write_text("hello"), ["t.png"], "error: t.png: not a readable image"),
         (
-            lambda d: _png_claiming(d / "h.png", 9000, 8000),
+            lambda d: png_claiming(d / "h.png", 9000, 8000),
             ["h.png"],
             "error: h.png: image is over the 64,000,000-pixel cap",
         ),
         (
-            lambda d: _png_claiming(d / "h.png", 20000, 20000),
+            lambda d: png_claiming(d / "h.png", 20000, 20000),
             ["h.png"],
             "error: h.png: image is over the 64,000,000-pixel cap",
         ),

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import hashlib
 import http.server
 import json
 import threading
@@ -154,6 +155,10 @@ def test_prepare_main_writes_split_arrays(tmp_path: Path, params_dict: dict) -> 
         "image_shape": [28, 28],
         "photo_fit": "object",
         "counts": {"train": 90, "val": 30, "test": 10 * TEST_PER_CLASS},
+        # what was read: for IDX files, their pinned hashes
+        "content_sha256": hashlib.sha256(
+            "".join(f"{name} {digest}\n" for name, digest in sorted(params_dict["data"]["sha256"].items())).encode()
+        ).hexdigest(),
     }
     x_train, y_train = load_split(prepared, "train")
     x_val, y_val = load_split(prepared, "val")

@@ -47,7 +47,13 @@ from tests.conftest import (
     write_idx_dir,
 )
 
-SECTIONS = ("Experiments", "Validation and CI", "The model as an artifact", "Predict on your own images")
+SECTIONS = (
+    "Experiments",
+    "Validation and CI",
+    "The model as an artifact",
+    "Train on your own images",
+    "Predict on your own images",
+)
 GITHUB_URL = "https://github.com/ORG/wardrobe"  # the README's placeholder; here: a local bare repo
 
 pytestmark = pytest.mark.pipeline  # every test here runs dvc, git or the stages in subprocesses
@@ -342,6 +348,48 @@ def _as_shown(clone: Clone, command: Command) -> None:
             assert re.fullmatch(_like(shown), line), (line, shown)
 
 
+PETS = ("cat", "dog", "owl")
+
+
+def readme_yaml(markdown: str, first_line: str) -> dict:
+    """The README's ```yaml block that starts with `first_line`, parsed."""
+    for block in re.findall(r"```yaml\n(.*?)```", markdown, flags=re.DOTALL):
+        if block.startswith(first_line):
+            return yaml.safe_load(block)
+    raise AssertionError(f"no yaml block starting {first_line!r} in the README")
+
+
+def _own_images_run(clone: Clone, command: Command) -> None:
+    """The user's pictures (my-pictures/CLASS/*.png, 32×32 RGB, made here) and the README's
+    conf/data/pets.yaml, written as shown; then the command trains on them."""
+    config = readme_yaml((REPO / "README.md").read_text(encoding="utf-8"), "# conf/data/pets.yaml")
+    (clone.path / "conf/data/pets.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    colours = np.random.default_rng(0).integers(0, 256, (len(PETS), 32, 32, 3))
+    rng = np.random.default_rng(1)
+    for label, name in enumerate(PETS):
+        (clone.path / config["root"] / name).mkdir(parents=True, exist_ok=True)
+        for i in range(20):
+            image = np.clip(colours[label] + rng.normal(0, 30, (32, 32, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(image).save(clone.path / config["root"] / name / f"{i:02d}.png")
+    _ok(clone.run(command))
+    record = json.loads((clone.path / "data/prepared/dataset.json").read_text())
+    assert record["name"] == "Pets" and record["class_names"] == list(PETS)
+    assert record["image_shape"] == [32, 32, 3] and record["counts"]["test"] == 12  # 4 of 20 per class
+    assert list(_metrics(clone)["per_class"]) == list(PETS)
+    assert "classifier of Pets images into 3 classes" in (clone.path / "metrics/model_card.md").read_text()
+
+
+def _own_images_predict(clone: Clone, command: Command) -> None:
+    for runtime in ("", " --runtime onnx"):
+        result = clone.run(Command(command.section, command.text + runtime))
+        _ok(result)
+        lines = result.stdout.splitlines()
+        assert len(lines) == 20 and all(line.startswith("my-pictures/owl/") for line in lines), lines
+        for line in lines:
+            classes = re.findall(r"(\w+) \(\d\.\d{3}\)", line.partition(": ")[2])
+            assert len(classes) == 2 and set(classes) <= set(PETS), line
+
+
 CHECKS: dict[str, Callable[[Clone, Command], None]] = {
     "dvc exp run -S train.epochs=10": _exp_run_epochs,
     "dvc exp run -S train=long": _exp_run_recipe,
@@ -364,6 +412,8 @@ CHECKS: dict[str, Callable[[Clone, Command], None]] = {
     f"dvc artifacts get {GITHUB_URL} fashion-classifier": _artifact_get("latest"),
     f"dvc artifacts get {GITHUB_URL} fashion-classifier --rev v1.0.0": _artifact_get("v1.0.0"),
     f"dvc artifacts get {GITHUB_URL} fashion-classifier-onnx": _artifact_get("latest", ONNX_PATH),
+    "dvc exp run -S data=pets": _own_images_run,
+    "wardrobe-predict my-pictures/owl --top-k 2": _own_images_predict,
     "wardrobe-predict boot.png photo.jpg three.npy --top-k 2": _as_shown,
     "python -m stages.predict shirt.png --json --top-k 3": _as_shown,
     "wardrobe-predict boot.png --runtime onnx": _as_shown,

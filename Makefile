@@ -96,6 +96,7 @@ format: venv
 bench: venv dataset
 	$(PY) -m bench.run --steps
 	$(PY) -m bench.serve
+	$(PY) -m bench.folder
 
 # What CI does with the pipeline (.github/workflows/ci.yml runs exactly `make ci`):
 # reproduce, validate against BASE, write report.md. BASE defaults to the last commit.

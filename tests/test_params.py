@@ -119,7 +119,7 @@ def _set(d: dict, dotted: str, value: object) -> None:
         ),
         ("data.class_names", ["one"], r"data\.class_names: needs at least two distinct names, got \['one'\]"),
         ("data.class_names", ["a", "a"], r"data\.class_names: needs at least two distinct names"),
-        ("data.format", "csv", r"data\.format: 'csv' is not one of \['idx'\]"),
+        ("data.format", "csv", r"data\.format: 'csv' is not one of \['idx', 'folder'\]"),
         ("data.photo_fit", "crop", r"data\.photo_fit: 'crop' is not one of \['object', 'resize'\]"),
         ("evaluate.example_grid", 11, r"evaluate\.example_grid: must be in 1\.\.10"),
         ("evaluate", None, r"evaluate: expected a mapping"),

@@ -30,6 +30,9 @@ IDX_DTYPE_UBYTE = 0x08
 # from exhausting memory.
 MAX_DECOMPRESSED_BYTES = 128 * 2**20
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
+# A folder of this many pictures or more gets a progress line on stderr at every tenth read; a
+# smaller one reads in a moment, and a bad picture's error stays the only line.
+PROGRESS_FROM = 1000
 
 
 def parse_idx(data: bytes, name: str) -> np.ndarray:
@@ -226,7 +229,7 @@ def read_pictures(root: Path, pictures: Pictures, data: DataParams) -> tuple[Lab
     for index, (path, _) in enumerate(pictures):
         images[index] = resize(decode_image(path, data.channels), size)
         content.update(f"{path.relative_to(root)}\0{hashlib.sha256(path.read_bytes()).hexdigest()}\n".encode())
-        if (tenth := 10 * (index + 1) // len(pictures)) != shown:
+        if len(pictures) >= PROGRESS_FROM and (tenth := 10 * (index + 1) // len(pictures)) != shown:
             shown = tenth
             print(f"  {root}: {index + 1}/{len(pictures)} pictures", file=sys.stderr)
     check_unchanged(root, pictures, before)

@@ -347,3 +347,35 @@ def test_a_folder_of_rgb_pictures_runs_end_to_end_and_predicts_with_its_class_na
         answers = [json.loads(line) for line in result.stdout.splitlines()]
         assert [a["path"] for a in answers] == [f"mine/{name}.png" for name in PETS]
         assert all(sorted(entry["class"] for entry in a["top_k"]) == sorted(PETS) for a in answers)
+
+
+@pytest.mark.pipeline
+def test_a_bad_picture_stops_prepare_in_one_line_and_keeps_the_prepared_data(
+    tmp_path: Path, idx_source: tuple[Path, dict[str, str]]
+) -> None:
+    """The stage as DVC runs it: a truncated picture is one line on stderr naming it, exit 1, and
+    the previously prepared arrays stay exactly as they were (no temp folder left)."""
+    _two_classes(tmp_path / "pics", per_class=10)  # enough for the committed val_fraction 0.1
+    params = committed_params(*idx_source)
+    params["data"] = {
+        "name": "Pics",
+        "description": "two classes",
+        "format": "folder",
+        "root": str(tmp_path / "pics"),
+        "test_root": "",
+        "test_fraction": 0.25,
+        "image_size": [10, 10],
+        "channels": 1,
+        "photo_fit": "resize",
+    }
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert run_module("stages.prepare", cwd=project).returncode == 0
+    before = {p.name: p.read_bytes() for p in (project / "data/prepared").iterdir()}
+    (tmp_path / "pics/b/2.png").write_bytes((tmp_path / "pics/b/2.png").read_bytes()[:40])
+    result = run_module("stages.prepare", cwd=project)
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"error: {tmp_path / 'pics/b/2.png'}: ") and result.stderr.count("\n") == 1
+    assert {p.name: p.read_bytes() for p in (project / "data/prepared").iterdir()} == before
+    assert [p.name for p in (project / "data").iterdir()] == ["prepared"]

@@ -134,19 +134,24 @@ def write_folder(root: Path, images: np.ndarray, labels: np.ndarray, class_folde
         Image.fromarray(image).save(folder / f"{index:05d}.png")
 
 
-def folder_params(root: Path, **overrides: object) -> DataParams:
-    fields = {
+def folder_config(root: Path, **overrides: object) -> dict:
+    """A conf/data file for a folder dataset, as a user writes it."""
+    config = {
         "name": "Folder",
         "description": "pictures in folders",
         "format": "folder",
         "root": str(root),
         "test_root": "",
         "test_fraction": 0.25,
-        "image_size": (28, 28),
+        "image_size": [28, 28],
         "channels": 1,
         "photo_fit": "resize",
     }
-    return DataParams(**{**fields, **overrides})
+    return {**config, **overrides}
+
+
+def folder_params(root: Path, **overrides: object) -> DataParams:
+    return DataParams(**folder_config(root, **overrides))
 
 
 PREPARE = PrepareParams(val_fraction=0.25, seed=42, download_timeout_s=1, max_download_mb=1)
@@ -312,17 +317,13 @@ def test_a_folder_of_rgb_pictures_runs_end_to_end_and_predicts_with_its_class_na
         for i in range(20):
             image = np.clip(colours[label] + rng.normal(0, 30, (32, 32, 3)), 0, 255).astype(np.uint8)
             Image.fromarray(image).save(tmp_path / f"pets/{name}/{i:02d}.png")
-    config = {
-        "name": "Pets",
-        "description": "three kinds of made-up pet pictures, 32×32 RGB",
-        "format": "folder",
-        "root": str(tmp_path / "pets"),
-        "test_root": "",
-        "test_fraction": 0.25,
-        "image_size": [32, 32],
-        "channels": 3,
-        "photo_fit": "resize",
-    }
+    config = folder_config(
+        tmp_path / "pets",
+        name="Pets",
+        description="three kinds of made-up pet pictures, 32×32 RGB",
+        image_size=[32, 32],
+        channels=3,
+    )
     (repo / "conf/data/pets.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     sh(repo, "git", "add", "-A")
     sh(repo, "git", "commit", "-qm", "my pictures")
@@ -357,17 +358,7 @@ def test_a_bad_picture_stops_prepare_in_one_line_and_keeps_the_prepared_data(
     the previously prepared arrays stay exactly as they were (no temp folder left)."""
     _two_classes(tmp_path / "pics", per_class=10)  # enough for the committed val_fraction 0.1
     params = committed_params(*idx_source)
-    params["data"] = {
-        "name": "Pics",
-        "description": "two classes",
-        "format": "folder",
-        "root": str(tmp_path / "pics"),
-        "test_root": "",
-        "test_fraction": 0.25,
-        "image_size": [10, 10],
-        "channels": 1,
-        "photo_fit": "resize",
-    }
+    params["data"] = folder_config(tmp_path / "pics", image_size=[10, 10])
     project = tmp_path / "project"
     project.mkdir()
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

@@ -220,20 +220,44 @@ def check_unchanged(root: Path, pictures: Pictures, before: list[tuple[str, int,
 
 def read_pictures(root: Path, pictures: Pictures, data: DataParams) -> tuple[Labelled, str]:
     """The pictures as uint8 N×H×W (grayscale) or N×H×W×3 (RGB) at data.image_size, their labels,
-    and a SHA-256 of the folder's content (every picture's name and bytes), with progress on stderr."""
+    and the folder's content hash (content_sha256), with progress on stderr for a large folder."""
     assert data.image_size is not None and data.channels is not None, "the schema requires them for folder"
     size = (data.image_size[0], data.image_size[1])
     images = np.empty((len(pictures), *size, *([3] if data.channels == 3 else [])), dtype=np.uint8)
-    content = hashlib.sha256()
     before, shown = snapshot(pictures), -1
     for index, (path, _) in enumerate(pictures):
         images[index] = resize(decode_image(path, data.channels), size)
-        content.update(f"{path.relative_to(root)}\0{hashlib.sha256(path.read_bytes()).hexdigest()}\n".encode())
         if len(pictures) >= PROGRESS_FROM and (tenth := 10 * (index + 1) // len(pictures)) != shown:
             shown = tenth
             print(f"  {root}: {index + 1}/{len(pictures)} pictures", file=sys.stderr)
+    content = content_sha256(root, pictures)
     check_unchanged(root, pictures, before)
-    return (images, np.array([label for _, label in pictures], dtype=np.uint8)), content.hexdigest()
+    return (images, np.array([label for _, label in pictures], dtype=np.uint8)), content
+
+
+def content_sha256(root: Path, pictures: Pictures) -> str:
+    """SHA-256 over every picture's path below `root` and the SHA-256 of its bytes."""
+    content = hashlib.sha256()
+    for path, _ in pictures:
+        content.update(f"{path.relative_to(root)}\0{hashlib.sha256(path.read_bytes()).hexdigest()}\n".encode())
+    return content.hexdigest()
+
+
+def combined(train: str, test: str) -> str:
+    """The content hash of a train folder and a test folder together."""
+    return hashlib.sha256(f"{train}\n{test}".encode()).hexdigest()
+
+
+def folder_content(data: DataParams) -> str:
+    """What content_sha256 prepare would record for the folders now, without decoding a picture:
+    validate compares it with data/prepared/dataset.json, since DVC does not track the folders."""
+    assert data.root is not None, "the schema requires it for folder"
+    classes, pictures = list_pictures(Path(data.root))
+    content = content_sha256(Path(data.root), pictures)
+    if data.test_root:
+        _, test_pictures = list_pictures(Path(data.test_root), classes)
+        content = combined(content, content_sha256(Path(data.test_root), test_pictures))
+    return content
 
 
 def load_folders(data: DataParams, params: PrepareParams) -> tuple[Labelled, Labelled, tuple[str, ...], str]:
@@ -245,7 +269,7 @@ def load_folders(data: DataParams, params: PrepareParams) -> tuple[Labelled, Lab
     if data.test_root:
         test_root = Path(data.test_root)
         test, test_content = read_pictures(test_root, list_pictures(test_root, classes)[1], data)
-        content = hashlib.sha256(f"{content}\n{test_content}".encode()).hexdigest()
+        content = combined(content, test_content)
     else:
         train_idx, test_idx = stratified_split(train[1], data.test_fraction, params.seed)
         train, test = (train[0][train_idx], train[1][train_idx]), (train[0][test_idx], train[1][test_idx])

@@ -43,6 +43,7 @@ from stages.outputs import (
 )
 from stages.params import CONF_DIR, PARAMS_FILE, ValidateParams, compose, disagreements, load_params
 from stages.plumbing import file_at, find_tool
+from stages.prepare import folder_content
 
 MIN_PNG_SIDE = 200
 
@@ -194,6 +195,24 @@ def stale_stages() -> list[str]:
     return problems
 
 
+def folder_fresh(class_names_read: bool) -> list[str]:
+    """A folder dataset is a path in the params, not a DVC dependency: pictures added or changed
+    since prepare ran leave `dvc status` clean, so compare the folder with what prepare recorded."""
+    data = load_params().data
+    if data.format != "folder" or not class_names_read:
+        return []
+    try:
+        now = folder_content(data)
+    except WardrobeError as error:
+        return [str(error)]
+    if now != read_dataset(PREPARED_DIR).content_sha256:
+        return [
+            f"{PREPARED_DIR}: prepared from other pictures than {data.root} holds now; "
+            "run `dvc repro --force prepare` (or `dvc exp run --force`)"
+        ]
+    return []
+
+
 def params_match_conf() -> list[str]:
     """params.yaml must be what conf/ composes to: `dvc exp run` recomposes it, so a value that lives
     only in params.yaml (a hand edit, or an experiment's -S brought in by `dvc exp branch`) would be
@@ -250,7 +269,7 @@ def validate(against: str | None) -> list[str]:
     for path in PNGS:
         if path.exists():
             problems += check_png(path)
-    return problems + stale_stages()
+    return problems + stale_stages() + folder_fresh(class_names is not None)
 
 
 def main() -> None:

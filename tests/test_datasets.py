@@ -350,19 +350,46 @@ def test_a_folder_of_rgb_pictures_runs_end_to_end_and_predicts_with_its_class_na
         assert all(sorted(entry["class"] for entry in a["top_k"]) == sorted(PETS) for a in answers)
 
 
-@pytest.mark.pipeline
-def test_a_bad_picture_stops_prepare_in_one_line_and_keeps_the_prepared_data(
-    tmp_path: Path, idx_source: tuple[Path, dict[str, str]]
-) -> None:
-    """The stage as DVC runs it: a truncated picture is one line on stderr naming it, exit 1, and
-    the previously prepared arrays stay exactly as they were (no temp folder left)."""
+def prepared_folder_project(tmp_path: Path, idx_source: tuple[Path, dict[str, str]]) -> Path:
+    """A project whose params name a folder of two classes (tmp_path/pics), after prepare ran."""
     _two_classes(tmp_path / "pics", per_class=10)  # enough for the committed val_fraction 0.1
     params = committed_params(*idx_source)
     params["data"] = folder_config(tmp_path / "pics", image_size=[10, 10])
     project = tmp_path / "project"
     project.mkdir()
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert run_module("stages.prepare", cwd=project).returncode == 0
+    result = run_module("stages.prepare", cwd=project)
+    assert result.returncode == 0, result.stderr
+    return project
+
+
+@pytest.mark.pipeline
+def test_validate_sees_pictures_changed_since_prepare(
+    tmp_path: Path, idx_source: tuple[Path, dict[str, str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The folder is a path in the params, not a DVC dependency, so `dvc status` cannot see new
+    pictures; validate (and so CI) compares the folder with prepare's recorded content hash."""
+    from stages.validate import folder_fresh
+
+    project = prepared_folder_project(tmp_path, idx_source)
+    monkeypatch.chdir(project)  # validate reads params.yaml and data/prepared where it runs
+    assert folder_fresh(True) == []
+    Image.new("L", (10, 10), 7).save(tmp_path / "pics/a/new.png")
+    assert folder_fresh(True) == [
+        f"data/prepared: prepared from other pictures than {tmp_path / 'pics'} holds now; "
+        "run `dvc repro --force prepare` (or `dvc exp run --force`)"
+    ]
+    (tmp_path / "pics/a/new.png").unlink()
+    assert folder_fresh(True) == []
+
+
+@pytest.mark.pipeline
+def test_a_bad_picture_stops_prepare_in_one_line_and_keeps_the_prepared_data(
+    tmp_path: Path, idx_source: tuple[Path, dict[str, str]]
+) -> None:
+    """The stage as DVC runs it: a truncated picture is one line on stderr naming it, exit 1, and
+    the previously prepared arrays stay exactly as they were (no temp folder left)."""
+    project = prepared_folder_project(tmp_path, idx_source)
     before = {p.name: p.read_bytes() for p in (project / "data/prepared").iterdir()}
     (tmp_path / "pics/b/2.png").write_bytes((tmp_path / "pics/b/2.png").read_bytes()[:40])
     result = run_module("stages.prepare", cwd=project)

@@ -212,6 +212,28 @@ def _exp_branch(clone: Clone, command: Command) -> None:
     assert branch_params["train"]["learning_rate"] == 0.003
 
 
+def _exp_push(clone: Clone, command: Command) -> None:
+    _ok(clone.run(command))
+    refs = sh(clone.path, "git", "ls-remote", str(clone.origin), "refs/exps/*").stdout
+    assert re.search(r"refs/exps/.*/lr3$", refs, flags=re.MULTILINE), refs
+
+
+def _exp_pull(clone: Clone, command: Command) -> None:
+    """In a teammate's fresh clone of origin (the DVC remote is in the committed .dvc/config): the
+    pulled experiment is listed with its metrics, applies, and brings lr3's model byte for byte
+    (the first clone's workspace holds lr3, applied above)."""
+    teammate = clone.path.parent / "teammate"
+    shutil.rmtree(teammate, ignore_errors=True)
+    sh(clone.path.parent, "git", "clone", "-q", str(clone.origin), str(teammate))
+    _ok(clone.run(command, cwd=teammate))
+    shown = json.loads(sh(teammate, "dvc", "exp", "show", "--json").stdout)
+    experiments = [exp for rev in shown for exp in (rev.get("experiments") or []) if exp.get("name") == "lr3"]
+    assert len(experiments) == 1, shown
+    sh(teammate, "dvc", "exp", "apply", "lr3")
+    assert (teammate / MODEL_PATH).read_bytes() == (clone.path / MODEL_PATH).read_bytes()
+    assert json.loads((teammate / METRICS_PATH).read_text()) == _metrics(clone)
+
+
 def _flat(metrics: dict, prefix: str = "") -> dict[str, float]:
     flat = {}
     for key, value in metrics.items():
@@ -400,6 +422,8 @@ CHECKS: dict[str, Callable[[Clone, Command], None]] = {
     "dvc queue status": _queue_status,
     "dvc exp apply lr3": _exp_apply,
     "dvc exp branch lr3 better-lr": _exp_branch,
+    "dvc exp push origin lr3": _exp_push,
+    "dvc exp pull origin lr3": _exp_pull,
     "dvc metrics diff main": _metrics_diff,
     "dvc params diff main": _params_diff,
     "dvc plots diff main": _plots_diff,

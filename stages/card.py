@@ -23,6 +23,7 @@ from stages.common import (
     read_dataset,
     read_json,
     run_main,
+    shape_text,
     write_text_atomic,
 )
 from stages.modelfile import ModelRecord, read_record
@@ -144,7 +145,7 @@ def render(run: Run) -> str:
         + (", each also mirrored left-right" if record.views.flip else "")
         + "), probabilities averaged"
     )
-    size = "×".join(str(d) for d in record.image_shape[:2])
+    size = shape_text(record.image_shape[:2])
     rgb = len(record.image_shape) == 3
     photo_fit = (
         f"resizes it to {size}"
@@ -165,7 +166,7 @@ def render(run: Run) -> str:
         "description": run.data.description,
         "classes": len(record.class_names),
         "size": size,
-        "shape": "×".join(str(d) for d in record.image_shape),
+        "shape": shape_text(record.image_shape),
         "color": "RGB" if rgb else "grayscale",
         "photo_fit": photo_fit,
         "m": run.metrics,

@@ -32,6 +32,11 @@ def split_paths(prepared_dir: Path, split: str) -> tuple[Path, Path]:
     return prepared_dir / f"x_{split}.npy", prepared_dir / f"y_{split}.npy"
 
 
+def shape_text(shape: tuple[int, ...]) -> str:
+    """(28, 28) → "28×28", (32, 32, 3) → "32×32×3": how messages and the card write a shape."""
+    return "×".join(str(d) for d in shape)
+
+
 DATASET_FILE = "dataset.json"  # beside the prepared arrays: prepare's record of what it made
 
 
@@ -82,7 +87,7 @@ def load_split(prepared_dir: Path, split: str, mmap: bool = False) -> tuple[np.n
         raise WardrobeError(f"{x_path.parent}: cannot load split {split!r}: {exc}") from exc
     if x.shape[1:] != shape or x.dtype != np.float32 or y.shape != (x.shape[0],):
         raise WardrobeError(
-            f"{x_path}: expected N×{'×'.join(map(str, shape))} float32 with {x.shape[0]} labels, "
+            f"{x_path}: expected N×{shape_text(shape)} float32 with {x.shape[0]} labels, "
             f"got {x.shape} {x.dtype} and labels {y.shape}"
         )
     return x, y

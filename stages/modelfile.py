@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from stages.common import DatasetInfo, WardrobeError
+from stages.common import DatasetInfo, WardrobeError, shape_text
 
 # The record in the model file's metadata.json (save_model writes it) and in the ONNX graph's
 # metadata_props (export writes it, JSON-encoded values).
@@ -267,6 +267,6 @@ def load_onnx_classifier(path: Path) -> OnnxClassifier:
         found = (
             ", ".join(f"{i.name} {i.type} {i.shape}" for i in inputs) + " → " + ", ".join(str(o.shape) for o in outputs)
         )
-        shape = "×".join(str(d) for d in record.image_shape)
+        shape = shape_text(record.image_shape)
         raise WardrobeError(f"{path}: ONNX model maps {found}, expected float N×{shape} to N×{classes}")
     return OnnxClassifier(session, record)

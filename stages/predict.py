@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from stages.common import WardrobeError, run_main
+from stages.common import WardrobeError, run_main, shape_text
 from stages.images import IMAGE_SUFFIXES, decode_image, resize
 from stages.modelfile import Classifier, ModelRecord, load_keras_classifier, load_onnx_classifier, read_record
 from stages.outputs import MODEL_PATH, ONNX_PATH
@@ -88,7 +88,7 @@ def load_array(path: Path, shape: tuple[int, ...]) -> np.ndarray:
     if array.shape == shape:
         array = array[None]
     if array.shape[1:] != shape or len(array) == 0:
-        one = "×".join(str(d) for d in shape)
+        one = shape_text(shape)
         raise WardrobeError(f"{path}: expected shape N×{one} or {one}, got {array.shape}")
     if array.dtype == np.uint8:
         return array.astype(np.float32) / 255.0

@@ -20,7 +20,7 @@ import pandas as pd
 import yaml
 from PIL import Image, UnidentifiedImageError
 
-from stages.common import WardrobeError, read_dataset, read_json, run_main, split_paths, write_text_atomic
+from stages.common import DatasetInfo, WardrobeError, read_dataset, read_json, run_main, split_paths, write_text_atomic
 from stages.outputs import (
     CLASS_SCORES,
     CONFUSION_CSV,
@@ -41,7 +41,7 @@ from stages.outputs import (
     PREPARED_DIR,
     STAGE_OUTPUTS,
 )
-from stages.params import CONF_DIR, PARAMS_FILE, ValidateParams, compose, disagreements, load_params
+from stages.params import CONF_DIR, PARAMS_FILE, DataParams, ValidateParams, compose, disagreements, load_params
 from stages.plumbing import file_at, find_tool
 from stages.prepare import folder_content
 
@@ -195,17 +195,16 @@ def stale_stages() -> list[str]:
     return problems
 
 
-def folder_fresh(class_names_read: bool) -> list[str]:
+def folder_fresh(data: DataParams, recorded: DatasetInfo) -> list[str]:
     """A folder dataset is a path in the params, not a DVC dependency: pictures added or changed
     since prepare ran leave `dvc status` clean, so compare the folder with what prepare recorded."""
-    data = load_params().data
-    if data.format != "folder" or not class_names_read:
+    if data.format != "folder":
         return []
     try:
         now = folder_content(data)
     except WardrobeError as error:
         return [str(error)]
-    if now != read_dataset(PREPARED_DIR).content_sha256:
+    if now != recorded.content_sha256:
         return [
             f"{PREPARED_DIR}: prepared from other pictures than {data.root} holds now; "
             "run `dvc repro --force prepare` (or `dvc exp run --force`)"
@@ -234,15 +233,16 @@ def metrics_at(rev: str) -> dict:
 
 def validate(against: str | None) -> list[str]:
     """Every problem found, one line each; [] means the outputs can be trusted."""
-    gates = load_params().validate
+    params = load_params()
     outputs = [path for paths in STAGE_OUTPUTS.values() for path in paths]
     problems = params_match_conf()
     problems += [f"{path}: declared output is missing" for path in outputs if not path.exists()]
     try:  # the classes every per-class output must name: prepare's record of the data
-        class_names = read_dataset(PREPARED_DIR).class_names
+        dataset = read_dataset(PREPARED_DIR)
     except WardrobeError as error:
         problems.append(str(error))
-        class_names = None
+        dataset = None
+    class_names = dataset.class_names if dataset else None
     metrics = None
     if METRICS_PATH.exists():
         try:
@@ -253,9 +253,9 @@ def validate(against: str | None) -> list[str]:
         schema_problems = check_metrics_schema(metrics, class_names)
         problems += schema_problems
         if not schema_problems:
-            problems += check_quality(metrics, gates)
+            problems += check_quality(metrics, params.validate)
             if against:
-                problems += check_drop(metrics, metrics_at(against), against, gates.max_drop)
+                problems += check_drop(metrics, metrics_at(against), against, params.validate.max_drop)
     for path, check in ((EXPORT_JSON, check_export), (ENVIRONMENT_JSON, check_environment)):
         if path.exists():
             try:
@@ -269,7 +269,7 @@ def validate(against: str | None) -> list[str]:
     for path in PNGS:
         if path.exists():
             problems += check_png(path)
-    return problems + stale_stages() + folder_fresh(class_names is not None)
+    return problems + stale_stages() + (folder_fresh(params.data, dataset) if dataset else [])
 
 
 def main() -> None:

@@ -369,18 +369,23 @@ def test_validate_sees_pictures_changed_since_prepare(
 ) -> None:
     """The folder is a path in the params, not a DVC dependency, so `dvc status` cannot see new
     pictures; validate (and so CI) compares the folder with prepare's recorded content hash."""
+    from stages.common import read_dataset
+    from stages.params import load_params
     from stages.validate import folder_fresh
+
+    def folder_fresh_now() -> list[str]:
+        return folder_fresh(load_params().data, read_dataset(Path("data/prepared")))
 
     project = prepared_folder_project(tmp_path, idx_source)
     monkeypatch.chdir(project)  # validate reads params.yaml and data/prepared where it runs
-    assert folder_fresh(True) == []
+    assert folder_fresh_now() == []
     Image.new("L", (10, 10), 7).save(tmp_path / "pics/a/new.png")
-    assert folder_fresh(True) == [
+    assert folder_fresh_now() == [
         f"data/prepared: prepared from other pictures than {tmp_path / 'pics'} holds now; "
         "run `dvc repro --force prepare` (or `dvc exp run --force`)"
     ]
     (tmp_path / "pics/a/new.png").unlink()
-    assert folder_fresh(True) == []
+    assert folder_fresh_now() == []
 
 
 @pytest.mark.pipeline

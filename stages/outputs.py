@@ -27,6 +27,10 @@ MODEL_PATH = Path("data/model/model.keras")
 METRICS_PATH = Path("metrics/metrics.json")
 ENVIRONMENT_JSON = Path("metrics/environment.json")  # train's library versions, device, precision
 HISTORY_CSV = Path("plots/train_history.csv")
+# train's live log: DVCLive's Keras callback rewrites it after every epoch (the chief's only), so
+# `dvc exp show` shows a running experiment's latest epoch (README "Following a run live").
+LIVE_DIR = Path("dvclive")
+LIVE_METRICS = LIVE_DIR / "metrics.json"  # step (epochs from 0), train.{accuracy,loss}, eval.{...}
 CONFUSION_CSV = Path("plots/confusion.csv")
 PER_CLASS_CSV = Path("plots/per_class.csv")
 CURVES_PNG = Path("plots/training_curves.png")
@@ -64,7 +68,7 @@ ENVIRONMENT_KEYS = (
 # What each stage writes, as dvc.yaml declares it (outs and metrics).
 STAGE_OUTPUTS: dict[str, tuple[Path, ...]] = {
     "prepare": (PREPARED_DIR,),
-    "train": (MODEL_PATH, HISTORY_CSV, ENVIRONMENT_JSON),
+    "train": (MODEL_PATH, HISTORY_CSV, ENVIRONMENT_JSON, LIVE_DIR),
     "evaluate": (METRICS_PATH, CONFUSION_CSV, PER_CLASS_CSV, CURVES_PNG, CONFUSION_PNG, PREDICTIONS_PNG),
     "export": (SAVED_MODEL_DIR, ONNX_PATH, EXPORT_JSON),
     "card": (MODEL_CARD,),
@@ -118,11 +122,13 @@ def cross_entropy(probs: np.ndarray, y_true: np.ndarray) -> float:
     return float(-np.mean(np.log(picked)))
 
 
+# In this order in metrics.json, so in `dvc exp show`'s first metric columns (evaluate's metrics
+# come first there: train's environment and live log are dvc.yaml's top-level metrics, listed last).
 HEADLINE_METRICS: dict[str, Metric] = {
     "accuracy": Metric(lambda p: accuracy(p.test_probs, p.y_test)),
-    "loss": Metric(lambda p: cross_entropy(p.test_probs, p.y_test), high=math.inf),
     "macro_f1": Metric(lambda p: float(p.per_class()["f1"].mean())),
     "val_accuracy": Metric(lambda p: accuracy(p.val_probs, p.y_val)),
+    "loss": Metric(lambda p: cross_entropy(p.test_probs, p.y_test), high=math.inf),
 }
 
 

@@ -35,7 +35,7 @@ from stages.environment import choose_precision, compute_device, environment_rec
 from stages.layers import ScaledBiasAdam, ScaledBiasAdamW, ScaledBiasSGD, WarmupLinearDecay
 from stages.model import build_model, initialize_convs
 from stages.modelfile import Views, decide_flip, save_model
-from stages.outputs import ENVIRONMENT_JSON, HISTORY_CSV, MODEL_PATH, PREPARED_DIR
+from stages.outputs import ENVIRONMENT_JSON, HISTORY_CSV, LIVE_DIR, MODEL_PATH, PREPARED_DIR
 from stages.params import TrainParams, load_section
 
 
@@ -174,8 +174,23 @@ def compile_model(model: keras.Model, params: TrainParams, steps_per_epoch: int)
     model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"])
 
 
-def training_callbacks(params: TrainParams, history_csv: Path, epoch: tf.Variable | None) -> list:
-    """The history CSV (epochs from 1), a stop on NaN, the alternate-flip epoch counter, early stopping."""
+def live_callback(live_dir: Path) -> keras.callbacks.Callback:
+    """DVCLive's Keras callback. After every epoch it rewrites live_dir/metrics.json (what `dvc exp
+    show` shows of a running experiment) and one TSV per metric, writes DVC's VS Code signal file
+    and, where DVC_STUDIO_TOKEN is set, posts the epoch to Studio. Creating it empties the previous
+    run's log, so it is created only when fitting starts; a failed fit leaves its epochs so far.
+    dvcyaml=None: dvc.yaml declares the folder itself (a train output, its metrics top-level)."""
+    from dvclive import Live  # here, not at the top: it imports DVC, which only this needs
+    from dvclive.keras import DVCLiveCallback
+
+    return DVCLiveCallback(live=Live(dir=str(live_dir), dvcyaml=None, save_dvc_exp=False, report=None))
+
+
+def training_callbacks(
+    params: TrainParams, history_csv: Path, epoch: tf.Variable | None, live_dir: Path | None = None
+) -> list:
+    """The history CSV (epochs from 1), a stop on NaN, the alternate-flip epoch counter, early
+    stopping, and the live log when live_dir is given."""
     callbacks = [EpochFromOneCSVLogger(str(history_csv)), keras.callbacks.TerminateOnNaN()]
     if epoch is not None:
         callbacks.append(keras.callbacks.LambdaCallback(on_epoch_begin=lambda number, logs=None: epoch.assign(number)))
@@ -185,6 +200,8 @@ def training_callbacks(params: TrainParams, history_csv: Path, epoch: tf.Variabl
                 monitor="val_accuracy", patience=params.early_stopping_patience, restore_best_weights=True
             )
         )
+    if live_dir is not None:
+        callbacks.append(live_callback(live_dir))
     return callbacks
 
 
@@ -206,8 +223,10 @@ def fit(
     verbose: int | str = "auto",
     strategy: tf.distribute.Strategy | None = None,
     precision: str | None = None,
+    live_dir: Path | None = None,
 ) -> keras.Model:
     """Train and return the model; raises WardrobeError if the loss diverges (no model is kept).
+    With live_dir, DVCLive logs each epoch there as it ends (the chief's fit only).
 
     `train.batch_size` is per replica: the global batch is batch_size × replicas and the
     learning rate is scaled by the replica count (linear scaling), so one replica is unchanged.
@@ -233,7 +252,7 @@ def fit(
         compile_model(model, params, steps_per_epoch=math.ceil(len(train[0]) / global_batch))
     if uses_distribution(strategy):
         fix_keras_for_distribution(model, train_ds)
-    callbacks = training_callbacks(params, history_csv, epoch)
+    callbacks = training_callbacks(params, history_csv, epoch, live_dir)
     # shuffle=False: the dataset shuffles itself (seeded); Keras can't shuffle a tf.data input.
     try:
         history = model.fit(
@@ -268,12 +287,12 @@ def main() -> None:
         atomic_path(MODEL_PATH) as model_tmp,
         atomic_path(ENVIRONMENT_JSON) as environment_tmp,
     ):
-        model = fit(params, train, val, history_tmp, classes, verbose=2, strategy=strategy, precision=precision)
+        model = fit(params, train, val, history_tmp, classes, 2, strategy, precision, live_dir=LIVE_DIR)
         views = Views(decide_flip(bool(params.augment_flip), params.tta_flip), params.tta_shift)
         save_model(model, model_tmp, views, dataset)
         record = environment_record(device, precision, reason, strategy.num_replicas_in_sync)
         environment_tmp.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"train: wrote {MODEL_PATH}, {HISTORY_CSV} and {ENVIRONMENT_JSON}")
+    print(f"train: wrote {MODEL_PATH}, {HISTORY_CSV}, {ENVIRONMENT_JSON} and {LIVE_DIR}/")
 
 
 if __name__ == "__main__":

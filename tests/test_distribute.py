@@ -21,7 +21,7 @@ import yaml
 from stages.common import WardrobeError
 from stages.distribute import check_tf_config
 from stages.modelfile import load_model
-from stages.outputs import ENVIRONMENT_JSON, HISTORY_CSV, MODEL_PATH
+from stages.outputs import ENVIRONMENT_JSON, HISTORY_CSV, LIVE_METRICS, MODEL_PATH
 from tests.conftest import REPO, free_port, module_env, run_module, set_params, tiny_params, write_params
 
 TF_CONFIG_CASES = [
@@ -201,7 +201,8 @@ def test_two_workers_train_what_one_process_trains(tmp_path: Path, idx_source: t
         assert process.returncode == 0, stdout + stderr
     assert f"wrote {MODEL_PATH}" in outputs[0][0]
     assert "worker 1 done; the chief writes" in outputs[1][0]
-    assert written_files(worker) == []
+    assert written_files(worker) == []  # no model, history or DVCLive log from the other worker
+    assert json.loads((chief / LIVE_METRICS).read_text())["step"] == 1  # the chief's live log: 2 epochs
 
     assert run_module("stages.train", cwd=single).returncode == 0
     assert list(pd.read_csv(chief / HISTORY_CSV)["epoch"]) == [1, 2]

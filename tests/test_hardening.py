@@ -8,6 +8,8 @@ import copy
 import gzip
 import hashlib
 import http.server
+import json
+import math
 import os
 import shutil
 import signal
@@ -25,6 +27,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from stages.common import WardrobeError
+from stages.outputs import LIVE_METRICS
 from stages.prepare import decompress, parse_idx
 from tests.conftest import REPO, idx_bytes, module_env, run_module, save_wrong_shape_model, write_params
 from tests.test_distribute import TF_CONFIG_CASES
@@ -54,15 +57,23 @@ def snapshot(work: Path) -> dict[str, bytes]:
 PARAMS_INPUTS = {"params.yaml", "conf/config.yaml"}  # what a case edits; everything else must stay
 
 
-def assert_failed_cleanly(result: subprocess.CompletedProcess, message: str, before: dict, work: Path) -> None:
+def assert_failed_cleanly(
+    result: subprocess.CompletedProcess, message: str, before: dict, work: Path, live_log: bool = False
+) -> None:
+    """One `error:` line, and every file as it was but the params a case edited (and, with
+    live_log, DVCLive's folder: a fit that started logs its epochs there as they end)."""
     assert result.returncode == 1, result.stderr
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, lines
     assert message in lines[0], lines[0]
     assert lines[0].startswith("error: ")
-    after = {k: v for k, v in snapshot(work).items() if k not in PARAMS_INPUTS}
-    assert after == {k: v for k, v in before.items() if k not in PARAMS_INPUTS}  # nothing added, changed, removed
+
+    def kept(files: dict) -> dict:
+        live = "dvclive/" if live_log else "\0"
+        return {k: v for k, v in files.items() if k not in PARAMS_INPUTS and not k.startswith(live)}
+
+    assert kept(snapshot(work)) == kept(before)  # nothing added, changed, removed
 
 
 def edit_params(work: Path, change: Callable[[dict], None]) -> None:
@@ -265,8 +276,15 @@ def test_diverging_training_writes_no_model(work: Path) -> None:
     before = snapshot(work)
     edit_params(work, lambda p: p["train"].update(learning_rate=1e30, epochs=3))
     assert_failed_cleanly(
-        run_stage("train", work), "train: loss became nan at epoch 1; lower train.learning_rate", before, work
+        run_stage("train", work),
+        "train: loss became nan at epoch 1; lower train.learning_rate",
+        before,
+        work,
+        live_log=True,
     )
+    # DVCLive's folder holds the failed fit's one epoch (the model, metrics/ and plots/ are as before):
+    live = json.loads((work / LIVE_METRICS).read_text())
+    assert live["step"] == 0 and math.isnan(float(live["train"]["loss"])), live  # DVCLive writes NaN as text
 
 
 @pytest.mark.pipeline

@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 DATASET_DIR := /usr/share/datasets/fashion-mnist
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: venv venv-gpu venv-serve lock dataset browser params repro test test-fast lint format bench ci ci-steps validate report release clean
+.PHONY: venv venv-gpu venv-serve lock dataset browser params repro test test-fast lint format bench ci ci-steps validate experiments report release clean
 
 # The environment is the lock's, exactly (hashes checked; anything else in the venv is removed),
 # plus this project as an editable package. LOCK=requirements-gpu.lock for the GPU build.
@@ -107,13 +107,29 @@ ci: venv dataset ci-steps
 # the report states it, and the step fails with validate's status, so the report is written
 # even when the gate fails.
 VERDICT := validation.txt
+# With a default DVC remote configured (`dvc remote default` names one), `dvc repro --pull`: a stage
+# whose inputs match dvc.lock gets its outputs from the remote instead of running (DVC runs it
+# anyway if the remote lacks them), so a change that touches no stage's inputs trains nothing.
+# Without a remote (a fresh clone of this repository, .ci/run) plain `dvc repro` runs what is
+# missing, the whole pipeline. PULL=0 never pulls (the workflow sets it where there are no secrets).
+PULL ?= auto
+REPRO_PULL = $(if $(filter-out 0,$(PULL)),$(shell PATH="$(PATH)" dvc remote default >/dev/null 2>&1 && echo --pull))
 ci-steps:
-	dvc repro
+	dvc repro $(REPRO_PULL)
 	python -m stages.validate --against $(BASE) --verdict $(VERDICT); gate=$$?; \
 	python -m stages.report --base $(BASE) --gate $(VERDICT) && exit $$gate
 
 validate: venv
 	$(PY) -m stages.validate
+
+# The experiments table that fits a screen (README "Experiments"): the headline metrics, a running
+# experiment's latest epoch (step, eval.accuracy: DVCLive's), and only the params that differ;
+# best test accuracy first. What it leaves out (per-class scores, export parity, environment,
+# dependency hashes) is in plain `dvc exp show`. ARGS adds dvc exp show options, e.g. ARGS=--csv.
+EXPERIMENTS_DROP := per_class\.|saved_model\.|onnx\.|test_images|tta_views|keras|train\.(accuracy|loss)$$|eval\.loss|python|tensorflow|numpy|device|kernels|replicas|precision|data/|stages/|plots/|metrics/|requirements
+experiments: venv
+	@dvc exp show --only-changed --keep '(accuracy|macro_f1|val_accuracy|loss)$$' --drop '$(EXPERIMENTS_DROP)' \
+		--sort-by accuracy --sort-order desc $(ARGS)
 
 report: venv
 	python -m stages.validate --against $(BASE) --verdict $(VERDICT); \

@@ -17,6 +17,8 @@ Extraction: in ```bash blocks every line is a command (a trailing `# comment` is
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import re
@@ -168,13 +170,40 @@ def _exp_show(clone: Clone, command: Command) -> None:
     assert sum(("├──" in line or "└──" in line) for line in lines) == 2  # the two experiments run so far
 
 
-def _queue(name: str) -> Callable[[Clone, Command], None]:
+def _experiments_json(clone: Clone) -> dict[str, dict]:
+    """`dvc exp show --json`'s experiments by name: {name: {"state", "params", "metrics"}}."""
+    shown = json.loads(sh(clone.path, "dvc", "exp", "show", "--json").stdout)
+    found = {}
+    for baseline in shown:
+        for experiment in baseline.get("experiments") or []:
+            data = experiment["revs"][0].get("data") or {}
+            found[experiment["name"]] = {
+                "state": (experiment.get("executor") or {}).get("state"),
+                "params": data.get("params", {}).get("params.yaml", {}).get("data", {}),
+                "metrics": {path: file.get("data", {}) for path, file in data.get("metrics", {}).items()},
+            }
+    return found
+
+
+def _sweep(key: str, values: dict[str, object]) -> Callable[[Clone, Command], None]:
+    """A sweep queues one experiment per value, named NAME-1, NAME-2, each with its value of `key`
+    (`train` alone: the whole recipe, conf/train/VALUE.yaml plus conf/config.yaml's override)."""
+
     def check(clone: Clone, command: Command) -> None:
         before = (clone.path / "params.yaml").read_text()
         result = clone.run(command)
         _ok(result)
-        assert f"Queued experiment '{name}'" in result.stdout + result.stderr
+        queued = re.findall(r"Queued experiment '([^']+)'", result.stdout + result.stderr)
+        assert queued == list(values), result.stdout + result.stderr
         assert (clone.path / "params.yaml").read_text() == before  # queued, not run in the workspace
+        shown = _experiments_json(clone)
+        for name, value in values.items():
+            train = shown[name]["params"]["train"]
+            if key == "train":
+                recipe = yaml.safe_load((clone.path / f"conf/train/{value}.yaml").read_text())
+                assert train == {**recipe, **TINY_DATA_OVERRIDE}, (name, train)
+            else:
+                assert train[key.removeprefix("train.")] == value, (name, train)
 
     return check
 
@@ -196,14 +225,41 @@ def _queue_status(clone: Clone, command: Command) -> None:
         assert time.monotonic() < deadline, result.stdout
         time.sleep(2)
     sh(clone.path, "dvc", "queue", "stop", "--kill", check=False)
-    assert result.stdout.count("Success") == 2, result.stdout
+    assert result.stdout.count("Success") == 4, result.stdout
+
+
+HEADLINE_COLUMNS = ["accuracy", "macro_f1", "val_accuracy", "loss"]
+LIVE_COLUMNS = {"step", "eval.accuracy"}  # DVCLive's, from dvclive/metrics.json
+
+
+def _make_experiments(clone: Clone, command: Command) -> None:
+    """The short table: headline metrics, the live columns and only the params that differ, best
+    test accuracy first. Checked on the table as printed and, exactly, on the same with ARGS=--csv."""
+    result = clone.run(command)
+    _ok(result)
+    queue_columns = {"State", "Executor"}  # DVC adds them while the table holds queue experiments
+    header = [column for column in result.stdout.splitlines()[1].split() if column not in queue_columns]
+    assert header[:6] == ["Experiment", "Created", *HEADLINE_COLUMNS], result.stdout
+    assert "per_class" not in result.stdout and "tensorflow" not in result.stdout
+    table = pd.read_csv(io.StringIO(clone.run(Command(command.section, f"{command.text} ARGS=--csv")).stdout))
+    columns = [column for column in table.columns if column not in queue_columns]
+    assert columns[:8] == ["Experiment", "rev", "typ", "Created", *HEADLINE_COLUMNS], columns
+    params = [column for column in columns[8:] if column not in LIVE_COLUMNS]
+    assert all(column.startswith(("train.", "data.")) for column in params), columns
+    for column in params:  # only the params that differ between the rows
+        assert table[column].astype(str).nunique() > 1, column
+    # what the experiments so far changed: epochs (-S train.epochs=10), the lr sweep, the long recipe
+    assert {"train.epochs", "train.learning_rate", "train.convs_per_block"} <= set(params), columns
+    experiments = table[table["typ"] != "baseline"]
+    assert {"lr-1", "lr-2", "recipe-1", "recipe-2"} <= set(experiments["Experiment"]), table
+    assert list(experiments["accuracy"]) == sorted(experiments["accuracy"], reverse=True)
 
 
 def _exp_apply(clone: Clone, command: Command) -> None:
     _ok(clone.run(command))
     assert _params(clone)["train"]["learning_rate"] == 0.003
     assert sh(clone.path, "dvc", "status", "--json").stdout.strip() == "{}"  # its results came along
-    clone.results["lr3"] = _metrics(clone)
+    clone.results["lr-2"] = _metrics(clone)
 
 
 def _exp_branch(clone: Clone, command: Command) -> None:
@@ -215,21 +271,22 @@ def _exp_branch(clone: Clone, command: Command) -> None:
 def _exp_push(clone: Clone, command: Command) -> None:
     _ok(clone.run(command))
     refs = sh(clone.path, "git", "ls-remote", str(clone.origin), "refs/exps/*").stdout
-    assert re.search(r"refs/exps/.*/lr3$", refs, flags=re.MULTILINE), refs
+    assert re.search(r"refs/exps/.*/lr-2$", refs, flags=re.MULTILINE), refs
 
 
 def _exp_pull(clone: Clone, command: Command) -> None:
     """In a teammate's fresh clone of origin (the DVC remote is in the committed .dvc/config): the
-    pulled experiment is listed with its metrics, applies, and brings lr3's model byte for byte
-    (the first clone's workspace holds lr3, applied above)."""
+    pulled experiment is listed with its metrics, applies, and brings lr-2's model byte for byte
+    (the first clone's workspace holds lr-2, applied above)."""
     teammate = clone.path.parent / "teammate"
     shutil.rmtree(teammate, ignore_errors=True)
     sh(clone.path.parent, "git", "clone", "-q", str(clone.origin), str(teammate))
     _ok(clone.run(command, cwd=teammate))
     shown = json.loads(sh(teammate, "dvc", "exp", "show", "--json").stdout)
-    experiments = [exp for rev in shown for exp in (rev.get("experiments") or []) if exp.get("name") == "lr3"]
+    experiments = [exp for rev in shown for exp in (rev.get("experiments") or []) if exp.get("name") == "lr-2"]
     assert len(experiments) == 1, shown
-    sh(teammate, "dvc", "exp", "apply", "lr3")
+    assert experiments[0]["revs"][0]["data"]["metrics"][str(METRICS_PATH)]["data"] == clone.results["lr-2"]
+    sh(teammate, "dvc", "exp", "apply", "lr-2")
     assert (teammate / MODEL_PATH).read_bytes() == (clone.path / MODEL_PATH).read_bytes()
     assert json.loads((teammate / METRICS_PATH).read_text()) == _metrics(clone)
 
@@ -245,7 +302,7 @@ def _metrics_diff(clone: Clone, command: Command) -> None:
     result = clone.run(command)
     _ok(result)
     base = _flat(json.loads(sh(clone.path, "git", "show", f"main:{METRICS_PATH}").stdout))
-    head = _flat(clone.results["lr3"])
+    head = _flat(clone.results["lr-2"])
     cells = [re.split(r"\s{2,}", line.strip()) for line in result.stdout.splitlines()[1:] if line.strip()]
     rows = {row[1]: row[2:4] for row in cells if row[0] == str(METRICS_PATH)}  # ("Ankle boot": one space)
     # The exported formats' accuracy follows the model's (metrics/export.json): listed when it
@@ -416,14 +473,17 @@ CHECKS: dict[str, Callable[[Clone, Command], None]] = {
     "dvc exp run -S train.epochs=10": _exp_run_epochs,
     "dvc exp run -S train=long": _exp_run_recipe,
     "dvc exp show": _exp_show,
-    "dvc exp run --queue -n lr1 -S train.learning_rate=0.001": _queue("lr1"),
-    "dvc exp run --queue -n lr3 -S train.learning_rate=0.003": _queue("lr3"),
+    "dvc exp run --queue -n lr -S 'train.learning_rate=0.001,0.003'": _sweep(
+        "train.learning_rate", {"lr-1": 0.001, "lr-2": 0.003}
+    ),
+    "dvc exp run --queue -n recipe -S train=cnn,long": _sweep("train", {"recipe-1": "cnn", "recipe-2": "long"}),
     "dvc queue start -j 2": _queue_start,
     "dvc queue status": _queue_status,
-    "dvc exp apply lr3": _exp_apply,
-    "dvc exp branch lr3 better-lr": _exp_branch,
-    "dvc exp push origin lr3": _exp_push,
-    "dvc exp pull origin lr3": _exp_pull,
+    "make experiments": _make_experiments,
+    "dvc exp apply lr-2": _exp_apply,
+    "dvc exp branch lr-2 better-lr": _exp_branch,
+    "dvc exp push origin lr-2": _exp_push,
+    "dvc exp pull origin lr-2": _exp_pull,
     "dvc metrics diff main": _metrics_diff,
     "dvc params diff main": _params_diff,
     "dvc plots diff main": _plots_diff,
@@ -568,3 +628,93 @@ def test_editing_a_recipe_makes_train_stale_only_when_it_is_the_selected_one(clo
     # (evaluate and export follow; card quotes the recipe)
     assert list(json.loads(sh(clone.path, "dvc", "status", "--json").stdout)) == ["train", "card"]
     _reset(clone)
+
+
+SIGNAL_FILE = Path(".dvc/tmp/exps/run/DVCLIVE_STEP_COMPLETED")  # DVC's VS Code extension watches it
+
+
+def test_a_running_queue_experiment_shows_its_latest_epoch(clone: Clone) -> None:
+    """DVCLive in a queue task: while it trains, `dvc exp show` shows the experiment running with its
+    latest finished epoch (and `make experiments` its `step`), moving on, and the VS Code signal
+    file in the project names the epoch. Killing it leaves the workspace as it was."""
+    _reset(clone)
+    epochs = 3000  # long enough to be seen running: ~0.1 s an epoch on the tiny data
+    sh(clone.path, "dvc", "exp", "run", "--queue", "-n", "live", "-S", f"train.epochs={epochs}")
+    sh(clone.path, "dvc", "queue", "start", log=clone.path.parent / "live-queue.log")
+    steps: list[int] = []
+    signals: list[dict] = []
+    table = None
+    try:
+        deadline = time.monotonic() + 300
+        while len(set(steps)) < 3:
+            assert time.monotonic() < deadline, (steps, signals)
+            live = _experiments_json(clone).get("live", {})
+            step = live.get("metrics", {}).get("dvclive/metrics.json", {}).get("step")
+            if live.get("state") == "running" and step is not None:
+                steps.append(step)
+                signal = clone.path / SIGNAL_FILE
+                if signal.is_file():
+                    with contextlib.suppress(json.JSONDecodeError):  # (rewritten every epoch)
+                        signals.append(json.loads(signal.read_text()))
+                if table is None:
+                    csv = sh(clone.path, "make", "experiments", "ARGS=--csv").stdout
+                    table = pd.read_csv(io.StringIO(csv)).set_index("Experiment")
+            time.sleep(1)
+    finally:
+        sh(clone.path, "dvc", "queue", "kill", "live", check=False)
+        sh(clone.path, "dvc", "queue", "stop", "--kill", check=False)
+    assert steps == sorted(steps) and all(0 <= step < epochs - 1 for step in steps), steps  # moving, not done
+    assert signals and all(0 <= signal["step"] < epochs and signal["pid"] > 0 for signal in signals), signals
+    assert table is not None and 0 <= table.loc["live", "step"] < epochs - 1, table
+    # The queue ran in a temp copy: the workspace, its model and results are the committed ones.
+    assert sh(clone.path, "dvc", "status", "--json").stdout.strip() == "{}"
+    assert sh(clone.path, "git", "status", "--porcelain").stdout.strip() == ""
+
+
+def _installed_clone(clone: Clone, name: str) -> Path:
+    """A fresh `git clone` of origin, set up as the user's would be: the project's venv as .venv."""
+    path = clone.path.parent / name
+    shutil.rmtree(path, ignore_errors=True)
+    sh(clone.path.parent, "git", "clone", "-q", str(clone.origin), str(path))
+    (path / ".venv").symlink_to(sys.prefix)
+    stamp = (Path(sys.prefix) / ".installed").stat().st_mtime
+    for lock_input in ("pyproject.toml", "requirements-dev.lock"):  # older than the venv: no reinstall
+        os.utime(path / lock_input, (stamp - 1, stamp - 1))
+    return path
+
+
+def _commit(path: Path, message: str) -> None:
+    sh(path, "git", "add", "-A")
+    sh(path, "git", "commit", "-qm", message)
+
+
+def test_ci_pulls_what_dvc_lock_names_and_trains_only_on_a_training_change(clone: Clone) -> None:
+    """The CI job (`make ci`, as the workflow runs it) in a fresh clone whose committed .dvc/config
+    names a default remote: after `dvc push`, a change to the README alone runs no stage (every
+    output comes from the remote) and validate and the report pass; a training key's change
+    re-trains (train and what follows), while prepare's output still comes from the remote."""
+    _reset(clone)
+    sh(clone.path, "dvc", "push", "-q")
+    ci = _installed_clone(clone, "ci")
+    (ci / "README.md").write_text("# wardrobe\n\nA sentence a pull request changed.\n")
+    _commit(ci, "README only")
+    result = sh(ci, "make", "ci", "BASE=HEAD~1", check=False)
+    _ok(result)
+    assert "dvc repro --pull" in result.stdout
+    assert "Running stage" not in result.stdout, result.stdout  # nothing trained, nothing ran
+    assert "validate: all outputs present, well-formed, within quality gates and fresh" in result.stdout
+    assert (ci / "report.md").read_text().startswith("# wardrobe report (against `HEAD~1`)")
+    assert (ci / MODEL_PATH).read_bytes() == (clone.path / MODEL_PATH).read_bytes()  # pulled
+
+    config = ci / "conf/config.yaml"
+    config.write_text(config.read_text().replace("epochs: 30", "epochs: 29"))
+    sh(ci, "make", "params")
+    _commit(ci, "one epoch fewer")
+    result = sh(ci, "make", "ci", "BASE=HEAD~1", check=False)
+    ran = re.findall(r"Running stage '([^']+)'", result.stdout)
+    assert ran == ["train", "evaluate", "export", "card"], result.stdout  # prepare: pulled, not run
+    assert (ci / MODEL_PATH).read_bytes() != (clone.path / MODEL_PATH).read_bytes()
+    # The job's status is the gate's (a 29-epoch tiny model may pass it or not): the report says which.
+    verdict = (ci / "validation.txt").read_text().strip()
+    assert result.returncode == (1 if verdict else 0), result.stdout + result.stderr
+    assert (ci / "report.md").is_file()

@@ -47,7 +47,9 @@ def _conv_trunk(x: keras.KerasTensor, params: TrainParams, image_shape: tuple[in
     convs at the pooled size, so normalisation and activation touch a quarter of the pixels.
     Otherwise (conv → BN → ReLU) × n, then pool.
     """
-    assert params.filters and params.convs_per_block and params.bn_momentum, "the schema requires them for cnn"
+    assert params.filters and params.convs_per_block and params.bn_momentum is not None, (
+        "the schema requires them for cnn"
+    )
     x = keras.layers.Reshape(with_channels(image_shape))(x)
     for filters, convs in zip(params.filters, params.convs_per_block, strict=True):
         for index in range(convs):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -25,6 +26,25 @@ SPLITS = ("train", "val", "test")
 
 class WardrobeError(Exception):
     """A user-facing problem (bad params, bad data, missing file): reported as one line."""
+
+
+MESSAGE_LIMIT = 240  # characters of a library's message quoted in an error line
+
+
+def complete_text(message: object, limit: int = MESSAGE_LIMIT) -> str:
+    """A library's (often multi-line, sometimes huge) message on one line, never cut mid-sentence:
+    whitespace collapsed; if longer than `limit`, its whole sentences up to it (at least the first,
+    whatever its length), then "…" to say more was left out."""
+    text = " ".join(str(message).split())
+    if len(text) <= limit:
+        return text
+    sentences = re.split(r"(?<=[.!?:;])\s+(?=\S)", text)
+    kept = sentences[0]
+    for sentence in sentences[1:]:
+        if len(kept) + 1 + len(sentence) > limit:
+            break
+        kept += " " + sentence
+    return kept + (" …" if len(kept) < len(text) else "")
 
 
 def split_paths(prepared_dir: Path, split: str) -> tuple[Path, Path]:
@@ -100,7 +120,7 @@ def read_json(path: Path) -> Any:
     except FileNotFoundError:
         raise WardrobeError(f"{path}: not found; run `dvc repro` to produce it") from None
     except (OSError, ValueError) as exc:
-        raise WardrobeError(f"{path}: cannot read JSON: {' '.join(str(exc).split())[:200]}") from exc
+        raise WardrobeError(f"{path}: cannot read JSON: {complete_text(exc)}") from exc
 
 
 def read_csv(path: Path) -> Any:
@@ -112,7 +132,7 @@ def read_csv(path: Path) -> Any:
     except FileNotFoundError:
         raise WardrobeError(f"{path}: not found; run `dvc repro` to produce it") from None
     except (OSError, ValueError) as exc:  # pandas' ParserError and EmptyDataError are ValueErrors
-        raise WardrobeError(f"{path}: cannot read CSV: {' '.join(str(exc).split())[:200]}") from exc
+        raise WardrobeError(f"{path}: cannot read CSV: {complete_text(exc)}") from exc
 
 
 @contextlib.contextmanager

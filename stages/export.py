@@ -25,7 +25,14 @@ import numpy as np
 
 from stages.common import WardrobeError, atomic_dir, atomic_path, load_split, run_main
 from stages.layers import TestTimeViews
-from stages.modelfile import KerasClassifier, ModelRecord, load_keras_classifier, load_onnx_classifier
+from stages.modelfile import (
+    KerasClassifier,
+    ModelRecord,
+    file_sha256,
+    load_keras_classifier,
+    load_onnx_classifier,
+    onnx_metadata,
+)
 from stages.outputs import (
     DIGITS,
     EXPORT_JSON,
@@ -81,16 +88,17 @@ def check_parity(name: str, stats: dict[str, float]) -> None:
         )
 
 
-def finish_onnx(path: Path, record: ModelRecord) -> int:
+def finish_onnx(path: Path, record: ModelRecord, source_sha256: str) -> int:
     """Call the ONNX graph's first input and output dimension `batch` (tf2onnx leaves `unk__N`),
     write the model file's record into its metadata (class names, photo fit, views: JSON values),
-    so the file alone is enough to predict; return its opset."""
+    so the file alone is enough to predict, and the SHA-256 of the model file it was exported from
+    (wardrobe-predict's auto runtime uses it only while it matches); return its opset."""
     import onnx
 
     graph_model = onnx.load(str(path))
     for value in (*graph_model.graph.input, *graph_model.graph.output):
         value.type.tensor_type.shape.dim[0].dim_param = "batch"
-    onnx.helper.set_model_props(graph_model, {key: json.dumps(value) for key, value in record.metadata().items()})
+    onnx.helper.set_model_props(graph_model, onnx_metadata(record, source_sha256))
     onnx.save(graph_model, str(path))
     return next(op.version for op in graph_model.opset_import if op.domain in ("", "ai.onnx"))
 
@@ -141,7 +149,7 @@ def main() -> None:
         with warnings.catch_warnings():  # Keras' tf2onnx patch trips a NumPy FutureWarning
             warnings.simplefilter("ignore", FutureWarning)
             model.export(str(onnx_tmp), format="onnx", verbose=False)
-        opset = finish_onnx(onnx_tmp, classifier.record)
+        opset = finish_onnx(onnx_tmp, classifier.record, file_sha256(MODEL_PATH))
         candidates = {
             "saved_model": saved_model_probs(saved_tmp / SERVING_VERSION, x_test, graph_images),
             "onnx": load_onnx_classifier(onnx_tmp).predict_proba(x_test, graph_images),

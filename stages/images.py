@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from stages.common import WardrobeError
+from stages.common import WardrobeError, complete_text
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif"}
 # Decoding is refused above this many pixels (a 64-megapixel photo), before any pixel is read.
@@ -44,7 +44,7 @@ def decode_image(path: Path, channels: int) -> np.ndarray:
     except UnidentifiedImageError as exc:
         raise WardrobeError(f"{path}: not a readable image ({type(exc).__name__})") from exc
     except (OSError, ValueError, SyntaxError) as exc:
-        raise WardrobeError(f"{path}: cannot decode image: {' '.join(str(exc).split())[:120]}") from exc
+        raise WardrobeError(f"{path}: cannot decode image: {complete_text(exc)}") from exc
     if pixels.size == 0:
         raise WardrobeError(f"{path}: image has no pixels")
     return pixels

@@ -11,6 +11,7 @@ TensorFlow, Keras and ONNX Runtime are imported where used: predict's TensorFlow
 
 from __future__ import annotations
 
+import hashlib
 import json
 import zipfile
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from stages.common import DatasetInfo, WardrobeError, shape_text
+from stages.common import DatasetInfo, WardrobeError, complete_text, shape_text
 
 # The record in the model file's metadata.json (save_model writes it) and in the ONNX graph's
 # metadata_props (export writes it, JSON-encoded values).
@@ -29,6 +30,7 @@ CLASSES_KEY = "wardrobe_class_names"
 PHOTO_FIT_KEY = "wardrobe_photo_fit"
 DATASET_KEY = "wardrobe_dataset"
 SHAPE_KEY = "wardrobe_image_shape"
+EXPORTED_FROM_KEY = "wardrobe_exported_from"  # ONNX only: the SHA-256 of the model file it came from
 
 
 @dataclass(frozen=True)
@@ -112,7 +114,7 @@ def read_record(path: Path) -> ModelRecord:
     except FileNotFoundError:
         raise WardrobeError(f"{path}: model file not found; run the train stage first") from None
     except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
-        raise WardrobeError(f"{path}: cannot read the model's metadata: {' '.join(str(exc).split())[:200]}") from exc
+        raise WardrobeError(f"{path}: cannot read the model's metadata: {complete_text(exc)}") from exc
     return parse_record(metadata, path)
 
 
@@ -162,7 +164,7 @@ def load_model(path: Path, record: ModelRecord | None = None) -> Any:
     try:
         model = keras.models.load_model(path, safe_mode=True)
     except Exception as exc:  # Keras raises many types for a corrupt archive
-        raise WardrobeError(f"{path}: cannot load model: {' '.join(str(exc).split())[:200]}") from exc
+        raise WardrobeError(f"{path}: cannot load model: {complete_text(exc)}") from exc
     classes = len(record.class_names)
     if tuple(model.input_shape[1:]) != record.image_shape or tuple(model.output_shape[1:]) != (classes,):
         raise WardrobeError(
@@ -228,6 +230,7 @@ class OnnxClassifier:
 
     session: Any  # onnxruntime.InferenceSession
     record: ModelRecord
+    exported_from: str = ""  # SHA-256 of the Keras model file export converted ("" if unrecorded)
 
     def predict_proba(self, x: np.ndarray, batch_size: int) -> np.ndarray:
         name = self.session.get_inputs()[0].name
@@ -249,7 +252,7 @@ def load_onnx_classifier(path: Path) -> OnnxClassifier:
     try:
         session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # ONNX Runtime raises its own types for corrupt or invalid files
-        raise WardrobeError(f"{path}: cannot load ONNX model: {' '.join(str(exc).split())[:200]}") from exc
+        raise WardrobeError(f"{path}: cannot load ONNX model: {complete_text(exc)}") from exc
     try:
         metadata = {k: json.loads(v) for k, v in session.get_modelmeta().custom_metadata_map.items()}
     except ValueError as exc:
@@ -269,4 +272,19 @@ def load_onnx_classifier(path: Path) -> OnnxClassifier:
         )
         shape = shape_text(record.image_shape)
         raise WardrobeError(f"{path}: ONNX model maps {found}, expected float N×{shape} to N×{classes}")
-    return OnnxClassifier(session, record)
+    return OnnxClassifier(session, record, str(metadata.get(EXPORTED_FROM_KEY, "")))
+
+
+def onnx_metadata(record: ModelRecord, source_sha256: str) -> dict[str, str]:
+    """The ONNX file's metadata_props (JSON values): the record, and the SHA-256 of the model file
+    it was exported from."""
+    return {key: json.dumps(value) for key, value in {**record.metadata(), EXPORTED_FROM_KEY: source_sha256}.items()}
+
+
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file's bytes (export records the model file's in the ONNX file)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

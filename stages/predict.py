@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from stages.common import WardrobeError, run_main, shape_text
+from stages.common import WardrobeError, complete_text, run_main, shape_text
 from stages.images import IMAGE_SUFFIXES, decode_image, resize
 from stages.modelfile import Classifier, ModelRecord, load_keras_classifier, load_onnx_classifier, read_record
 from stages.outputs import MODEL_PATH, ONNX_PATH
@@ -84,7 +84,7 @@ def load_array(path: Path, shape: tuple[int, ...]) -> np.ndarray:
     try:
         array = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError) as exc:
-        raise WardrobeError(f"{path}: not a readable .npy array ({' '.join(str(exc).split())[:120]})") from exc
+        raise WardrobeError(f"{path}: not a readable .npy array ({complete_text(exc)})") from exc
     if array.shape == shape:
         array = array[None]
     if array.shape[1:] != shape or len(array) == 0:

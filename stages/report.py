@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from stages.common import WardrobeError, markdown_table, read_csv, read_json, run_main, write_text_atomic
+from stages.common import WardrobeError, complete_text, markdown_table, read_csv, read_json, run_main, write_text_atomic
 from stages.outputs import CONFUSION_CSV, CONFUSION_PNG, METRICS_PATH, PER_CLASS_CSV, mistake_counts
 from stages.plumbing import file_at, find_tool
 
@@ -38,7 +38,7 @@ def dvc_markdown(*args: str) -> str:
 def _dvc(*args: str) -> str:
     result = subprocess.run([find_tool("dvc"), *args], capture_output=True, text=True)
     if result.returncode != 0:
-        raise WardrobeError(f"dvc {' '.join(args)} failed: {' '.join(result.stderr.split())[:300]}")
+        raise WardrobeError(f"dvc {' '.join(args)} failed: {complete_text(result.stderr)}")
     return result.stdout
 
 

@@ -20,7 +20,16 @@ import pandas as pd
 import yaml
 from PIL import Image, UnidentifiedImageError
 
-from stages.common import DatasetInfo, WardrobeError, read_dataset, read_json, run_main, split_paths, write_text_atomic
+from stages.common import (
+    DatasetInfo,
+    WardrobeError,
+    complete_text,
+    read_dataset,
+    read_json,
+    run_main,
+    split_paths,
+    write_text_atomic,
+)
 from stages.outputs import (
     CLASS_SCORES,
     CONFUSION_CSV,
@@ -182,7 +191,7 @@ def stale_stages() -> list[str]:
     """Stages whose code, params or dependencies changed since dvc.lock was written."""
     result = subprocess.run([find_tool("dvc"), "status", "--json"], capture_output=True, text=True)
     if result.returncode != 0:
-        return [f"dvc status failed: {' '.join(result.stderr.split())[:300]}"]
+        return [f"dvc status failed: {complete_text(result.stderr)}"]
     problems = []
     for stage, changes in json.loads(result.stdout or "{}").items():
         kinds = []

@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 DATASET_DIR := /usr/share/datasets/fashion-mnist
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: venv venv-gpu venv-serve lock dataset browser params repro test test-fast lint format bench ci ci-steps validate experiments report release clean
+.PHONY: venv venv-gpu venv-serve lock dataset browser params repro test test-fast lint format bench ci ci-steps validate restore experiments report release clean
 
 # The environment is the lock's, exactly (hashes checked; anything else in the venv is removed),
 # plus this project as an editable package. LOCK=requirements-gpu.lock for the GPU build.
@@ -121,6 +121,14 @@ ci-steps:
 
 validate: venv
 	$(PY) -m stages.validate
+
+# Back to the committed results after `dvc exp run` / `dvc exp apply` left an experiment's in the
+# workspace (README "Experiments"): what git tracks (params, lock, metrics, plots, live log) from
+# the last commit, then the cached outputs that dvc.lock names (model, prepared data, exports).
+# Uncommitted edits to those files are discarded; conf/ and code are left alone.
+restore: venv
+	git checkout HEAD -- params.yaml dvc.lock metrics plots dvclive
+	dvc checkout
 
 # The experiments table that fits a screen (README "Experiments"): the headline metrics, a running
 # experiment's latest epoch (step, eval.accuracy: DVCLive's), and only the params that differ;

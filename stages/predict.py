@@ -5,8 +5,10 @@
 
 Two runtimes give the same answers: keras (data/model/model.keras, TensorFlow) and onnx
 (data/export/model.onnx from the export stage, ONNX Runtime only: TensorFlow is never imported,
-so it starts in a fraction of the time and installs without it). auto picks onnx for a .onnx
---model or when TensorFlow is not installed, else keras.
+so it starts in a fraction of the time and installs without it). auto picks the format of
+--model; without one, onnx where the exported file was made from the current model file (export
+records its SHA-256) or TensorFlow is not installed, else keras. The default files are looked up
+in the current folder, then its parents, then the project this package was installed from.
 
 PATHs are image files (PNG/JPEG/BMP/GIF), folders of them, or .npy arrays (N×H×W or H×W in the
 model's image shape, uint8 0..255 or float 0..1). The model file records its class names, image
@@ -22,17 +24,30 @@ import importlib.util
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 from PIL import Image
 
 from stages.common import WardrobeError, complete_text, run_main, shape_text
 from stages.images import IMAGE_SUFFIXES, decode_image, resize
-from stages.modelfile import Classifier, ModelRecord, load_keras_classifier, load_onnx_classifier, read_record
+from stages.modelfile import (
+    Classifier,
+    ModelRecord,
+    OnnxClassifier,
+    file_sha256,
+    load_keras_classifier,
+    load_onnx_classifier,
+    read_record,
+)
 from stages.outputs import MODEL_PATH, ONNX_PATH
 
 # Pixels at most this dark (0..255) count as background when finding the object's bounding box.
 BACKGROUND_LEVEL = 24
+# An input whose pixels span less than this after preprocessing (0..1) carries no picture: an
+# all-black image, a blank page, a transparent PNG. The model still answers; the output says blank.
+BLANK_RANGE = 8 / 255
+SOURCE_PROJECT = Path(__file__).resolve().parents[1]  # where an editable install (make venv) lives
 
 
 @dataclass(frozen=True)
@@ -41,6 +56,10 @@ class Item:
 
     label: str
     pixels: np.ndarray
+
+    @property
+    def blank(self) -> bool:
+        return float(self.pixels.max() - self.pixels.min()) < BLANK_RANGE
 
 
 def to_training_format(gray: np.ndarray, shape: tuple[int, int], photo_fit: str = "object") -> np.ndarray:
@@ -129,23 +148,53 @@ def top_k(probs: np.ndarray, k: int, class_names: tuple[str, ...]) -> list[list[
     return [[(class_names[j], float(row[j])) for j in idx] for row, idx in zip(probs, order, strict=True)]
 
 
-def choose_runtime(runtime: str, model: Path | None) -> str:
-    """auto: the file's own format if --model is given, else keras where TensorFlow is installed."""
+def project_file(relative: Path) -> Path:
+    """A pipeline output where the user means it: in the current folder or the nearest parent that
+    has it, else in the project this package was installed from (make venv's editable install)."""
+    here = Path.cwd()
+    for folder in (here, *here.parents):
+        if (folder / relative).exists():
+            return relative if folder == here else folder / relative
+    if (SOURCE_PROJECT / relative).exists():
+        return SOURCE_PROJECT / relative
+    raise WardrobeError(
+        f"{relative}: not found in {here}, its parents or {SOURCE_PROJECT}; "
+        "run the pipeline (dvc repro) or give the file with --model"
+    )
+
+
+def exported_from_current_model() -> OnnxClassifier | None:
+    """The exported ONNX model if it was made from the current Keras model file (the SHA-256 export
+    recorded matches): the same answers (export's parity check), in a fraction of the time."""
+    try:
+        keras_file, onnx_file = project_file(MODEL_PATH), project_file(ONNX_PATH)
+        classifier = load_onnx_classifier(onnx_file)
+    except WardrobeError:  # no exported file, or not loadable: keras answers
+        return None
+    return classifier if classifier.exported_from == file_sha256(keras_file) else None
+
+
+def choose_runtime(runtime: str, model: Path | None) -> tuple[str, Classifier | None]:
+    """The runtime, and its classifier if choosing loaded it. auto: the format of --model if given;
+    else onnx where the exported file matches the model file or TensorFlow is not installed."""
     if runtime != "auto":
-        return runtime
+        return runtime, None
     if model is not None:
-        return "onnx" if model.suffix.lower() == ".onnx" else "keras"
-    return "keras" if importlib.util.find_spec("tensorflow") else "onnx"
+        return ("onnx" if model.suffix.lower() == ".onnx" else "keras"), None
+    if not importlib.util.find_spec("tensorflow"):
+        return "onnx", None
+    exported = exported_from_current_model()
+    return ("onnx", exported) if exported else ("keras", None)
 
 
 def load(runtime: str, model: Path | None) -> Classifier:
     if runtime == "onnx":
-        return load_onnx_classifier(model or ONNX_PATH)
+        return load_onnx_classifier(model or project_file(ONNX_PATH))
     if not importlib.util.find_spec("tensorflow"):
         raise WardrobeError(
             f"TensorFlow is not installed, so --runtime keras cannot run; use --runtime onnx ({ONNX_PATH})"
         )
-    return load_keras_classifier(model or MODEL_PATH)
+    return load_keras_classifier(model or project_file(MODEL_PATH))
 
 
 def predict(classifier: Classifier, items: list[Item], batch_size: int) -> np.ndarray:
@@ -154,8 +203,16 @@ def predict(classifier: Classifier, items: list[Item], batch_size: int) -> np.nd
     return classifier.predict_proba(pixels, batch_size)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line like every other error (with where to read the
+    usage), exit status 2 as argparse's convention has it (1 is for bad inputs)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (usage: {self.prog} --help)\n")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="wardrobe-predict", description="Classify images with the trained model.")
+    parser = OneLineParser(prog="wardrobe-predict", description="Classify images with the trained model.")
     parser.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="image files, folders, .npy arrays")
     parser.add_argument(
         "--model", type=Path, help=f"model file (default: {MODEL_PATH} for keras, {ONNX_PATH} for onnx)"
@@ -164,7 +221,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--runtime",
         choices=("auto", "keras", "onnx"),
         default="auto",
-        help="auto (default): onnx for a .onnx --model or without TensorFlow installed, else keras",
+        help="auto (default): the format of --model; without one, onnx if the exported file matches the model"
+        " file or TensorFlow is not installed, else keras",
     )
     parser.add_argument("--top-k", type=int, default=1, help="classes to show per image (default 1)")
     parser.add_argument("--json", action="store_true", help="one JSON object per input line")
@@ -178,11 +236,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+BLANK_NOTE = "  [blank: nothing left to classify after preprocessing; the answer means nothing]"
+
+
 def run(args: argparse.Namespace) -> None:
-    runtime = choose_runtime(args.runtime, args.model)
+    runtime, classifier = choose_runtime(args.runtime, args.model)
     # The inputs are checked before the model loads: a Keras file's record needs no TensorFlow.
-    classifier = load(runtime, args.model) if runtime == "onnx" else None
-    record = classifier.record if classifier else read_record(args.model or MODEL_PATH)
+    if runtime == "onnx" and classifier is None:
+        classifier = load(runtime, args.model)
+    record = classifier.record if classifier else read_record(args.model or project_file(MODEL_PATH))
     names = record.class_names
     if args.top_k > len(names):
         raise WardrobeError(f"--top-k {args.top_k}: the model knows {len(names)} classes")
@@ -190,10 +252,14 @@ def run(args: argparse.Namespace) -> None:
     classifier = classifier or load(runtime, args.model)
     for item, best in zip(items, top_k(predict(classifier, items, args.batch_size), args.top_k, names), strict=True):
         if args.json:
-            record = {"path": item.label, "top_k": [{"class": c, "probability": round(p, 6)} for c, p in best]}
-            print(json.dumps(record))
+            answer = {
+                "path": item.label,
+                "top_k": [{"class": c, "probability": round(p, 6)} for c, p in best],
+                "blank": item.blank,
+            }
+            print(json.dumps(answer))
         else:
-            print(f"{item.label}: " + ", ".join(f"{c} ({p:.3f})" for c, p in best))
+            print(f"{item.label}: " + ", ".join(f"{c} ({p:.3f})" for c, p in best) + (BLANK_NOTE if item.blank else ""))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -144,6 +144,15 @@ def check_drop(metrics: dict, base: dict, rev: str, max_drop: float) -> list[str
     return []
 
 
+def comparison_line(metrics: dict, base: dict, rev: str, max_drop: float) -> str:
+    """What --against compared, printed whether it passed or not."""
+    change = metrics["accuracy"] - base["accuracy"]
+    return (
+        f"validate: test accuracy {metrics['accuracy']:.4f} against {base['accuracy']:.4f} at {rev}: "
+        f"{change:+.4f} (a drop of more than validate.max_drop {max_drop} fails)"
+    )
+
+
 def check_csvs(test_size: int | None, class_names: tuple[str, ...]) -> list[str]:
     problems = []
     frames = {}
@@ -240,8 +249,9 @@ def metrics_at(rev: str) -> dict:
     return json.loads(text)
 
 
-def validate(against: str | None) -> list[str]:
-    """Every problem found, one line each; [] means the outputs can be trusted."""
+def validate(against: str | None, notes: list[str] | None = None) -> list[str]:
+    """Every problem found, one line each; [] means the outputs can be trusted. `notes` receives
+    what --against compared (its line is printed either way)."""
     params = load_params()
     outputs = [path for paths in STAGE_OUTPUTS.values() for path in paths]
     problems = params_match_conf()
@@ -264,7 +274,10 @@ def validate(against: str | None) -> list[str]:
         if not schema_problems:
             problems += check_quality(metrics, params.validate)
             if against:
-                problems += check_drop(metrics, metrics_at(against), against, params.validate.max_drop)
+                base = metrics_at(against)
+                problems += check_drop(metrics, base, against, params.validate.max_drop)
+                if notes is not None:
+                    notes.append(comparison_line(metrics, base, against, params.validate.max_drop))
     for path, check in ((EXPORT_JSON, check_export), (ENVIRONMENT_JSON, check_environment)):
         if path.exists():
             try:
@@ -288,10 +301,13 @@ def main() -> None:
         "--verdict", type=Path, metavar="FILE", help="also write the problems to FILE, one per line (for the report)"
     )
     args = parser.parse_args()
+    notes: list[str] = []
     try:
-        problems = validate(args.against)
+        problems = validate(args.against, notes)
     except WardrobeError as error:
         problems = [str(error)]
+    for note in notes:
+        print(note)
     if args.verdict:
         write_text_atomic(args.verdict, "".join(f"{problem}\n" for problem in problems))
     for problem in problems:

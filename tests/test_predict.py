@@ -15,7 +15,7 @@ from PIL import Image
 from stages.common import WardrobeError
 from stages.modelfile import Views, decide_flip, load_keras_classifier, load_model, save_model
 from stages.outputs import MODEL_PATH
-from stages.predict import collect, load_image, main, to_training_format, top_k
+from stages.predict import BLANK_NOTE, collect, load_image, main, to_training_format, top_k
 from tests.conftest import CLASS_NAMES, FASHION_INFO, FASHION_RECORD, png_claiming, run_module, save_wrong_shape_model
 
 
@@ -202,3 +202,86 @@ def test_mutated_png_only_raises_our_error(tmp_path: Path, position: int, value:
     path.write_bytes(bytes(data))
     with contextlib.suppress(WardrobeError):  # our error is fine; anything else fails the test
         assert collect([path], FASHION_RECORD)[0].pixels.shape == (28, 28)
+
+
+# ---- a new user's first hour (issue #27) -------------------------------------------------------
+
+
+@pytest.mark.pipeline
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--top-k", "0", "a.png"], "error: --top-k must be >= 1, got 0"),
+        (["--batch-size", "0", "a.png"], "error: --batch-size must be >= 1, got 0"),
+        (["--runtime", "tflite", "a.png"], "error: argument --runtime: invalid choice: 'tflite'"),
+        ([], "error: the following arguments are required: PATH"),
+    ],
+    ids=["top-k", "batch-size", "runtime", "no-path"],
+)
+def test_usage_errors_are_one_line_with_status_2(tmp_path: Path, args: list[str], message: str) -> None:
+    """argparse's exit status for a usage error (2; bad inputs exit 1), in one line like every error."""
+    result = run_module("stages.predict", *args, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.startswith(message) and result.stderr.endswith("(usage: wardrobe-predict --help)\n")
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+
+
+@pytest.mark.pipeline
+def test_predict_finds_the_project_model_from_a_subfolder(tiny_run: Path) -> None:
+    """Run from inside the project but not at its top (the default paths are looked up in the
+    parents too), the answers are the ones predict gives at the top."""
+    top = run_module("stages.predict", "pngs/000.png", "--json", cwd=tiny_run)
+    inside = run_module("stages.predict", "000.png", "--json", cwd=tiny_run / "pngs")
+    assert top.returncode == 0 and inside.returncode == 0, inside.stderr
+    assert json.loads(inside.stdout)["top_k"] == json.loads(top.stdout)["top_k"]
+
+
+def test_outside_any_project_the_error_says_where_it_looked(tmp_path: Path, monkeypatch) -> None:
+    import stages.predict as predict
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(predict, "SOURCE_PROJECT", tmp_path / "installed-from")
+    with pytest.raises(WardrobeError) as error:
+        predict.project_file(MODEL_PATH)
+    assert str(error.value) == (
+        f"{MODEL_PATH}: not found in {tmp_path}, its parents or {tmp_path / 'installed-from'}; "
+        "run the pipeline (dvc repro) or give the file with --model"
+    )
+    (tmp_path / "installed-from" / MODEL_PATH).parent.mkdir(parents=True)
+    (tmp_path / "installed-from" / MODEL_PATH).write_bytes(b"model")
+    assert predict.project_file(MODEL_PATH) == tmp_path / "installed-from" / MODEL_PATH  # the install's project
+
+
+@pytest.mark.pipeline
+def test_auto_runtime_is_onnx_while_the_export_matches_the_model(tiny_run: Path, tmp_path: Path, monkeypatch) -> None:
+    """export records the model file's SHA-256 in the ONNX file; auto uses ONNX Runtime only while
+    it matches (same answers, a fraction of the time), keras once the model file changed."""
+    from stages.predict import choose_runtime
+
+    monkeypatch.chdir(tiny_run)
+    runtime, classifier = choose_runtime("auto", None)
+    assert runtime == "onnx" and classifier is not None
+    assert choose_runtime("auto", Path("data/model/model.keras")) == ("keras", None)  # --model decides
+    assert choose_runtime("keras", None) == ("keras", None)
+    project = tmp_path / "retrained"
+    shutil.copytree(tiny_run / "data", project / "data")
+    with (project / MODEL_PATH).open("ab") as model:  # another model file (a zip's trailing bytes)
+        model.write(b"\0")
+    monkeypatch.chdir(project)
+    assert choose_runtime("auto", None) == ("keras", None)
+
+
+@pytest.mark.pipeline
+def test_blank_pictures_are_flagged(tiny_run: Path, tmp_path: Path) -> None:
+    """An all-black picture and a transparent one carry no garment: the answer says so."""
+    (tmp_path / "data").symlink_to(tiny_run / "data")
+    Image.new("L", (28, 28)).save(tmp_path / "black.png")
+    Image.new("RGBA", (1, 1), (0, 0, 0, 0)).save(tmp_path / "clear.png")
+    shutil.copy(tiny_run / "pngs/000.png", tmp_path / "garment.png")
+    names = ("black.png", "clear.png", "garment.png")
+    text = run_module("stages.predict", *names, cwd=tmp_path)
+    answers = run_module("stages.predict", *names, "--json", cwd=tmp_path)
+    assert text.returncode == 0 and answers.returncode == 0, text.stderr + answers.stderr
+    lines = text.stdout.splitlines()
+    assert [line.endswith(BLANK_NOTE) for line in lines] == [True, True, False], lines
+    assert [json.loads(line)["blank"] for line in answers.stdout.splitlines()] == [True, True, False]

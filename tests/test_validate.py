@@ -117,9 +117,16 @@ def test_validate_against_revision_catches_a_drop(clean: Path) -> None:
     path.write_text(json.dumps(better))
     sh(clean, "git", "commit", "-qam", "pretend better")
     sh(clean, "git", "checkout", "-q", "main")
-    assert validate(clean, "--against", "main").returncode == 0
+    same = validate(clean, "--against", "main")
+    assert same.returncode == 0
+    accuracy = f"{metrics['accuracy']:.4f}"  # what it compared, printed (issue #27)
+    assert same.stdout.splitlines()[0] == (
+        f"validate: test accuracy {accuracy} against {accuracy} at main: +0.0000 "
+        "(a drop of more than validate.max_drop 0.01 fails)"
+    )
     result = validate(clean, "--against", "better")
     assert result.returncode == 1
+    assert f"validate: test accuracy {accuracy} against {better['accuracy']:.4f} at better: -0.0500" in result.stdout
     assert f"accuracy fell 0.0500 against better ({better['accuracy']:.4f} -> {metrics['accuracy']:.4f})" in (
         result.stderr
     )

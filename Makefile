@@ -136,7 +136,7 @@ restore: venv
 # dependency hashes) is in plain `dvc exp show`. ARGS adds dvc exp show options, e.g. ARGS=--csv.
 EXPERIMENTS_DROP := per_class\.|saved_model\.|onnx\.|test_images|tta_views|keras|train\.(accuracy|loss)$$|eval\.loss|python|tensorflow|numpy|device|kernels|replicas|precision|data/|stages/|plots/|metrics/|requirements
 experiments: venv
-	@dvc exp show --only-changed --keep '(accuracy|macro_f1|val_accuracy|loss)$$' --drop '$(EXPERIMENTS_DROP)' \
+	@dvc exp show --only-changed --keep '(Experiment|accuracy|macro_f1|val_accuracy|loss)$$' --drop '$(EXPERIMENTS_DROP)' \
 		--sort-by accuracy --sort-order desc $(ARGS)
 
 report: venv

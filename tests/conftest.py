@@ -141,8 +141,11 @@ def sh(repo: Path, *args: str, check: bool = True, log: Path | None = None) -> s
     result's stdout holds it): a command that leaves a daemon holding its stdout, as
     `dvc queue start` does, would keep a pipe open, and the test waiting, until the daemon ends.
     """
+    # As typed in a terminal: not as a sub-make of `make test` (which would make `make` print
+    # "Entering directory" lines into the output the tests parse).
+    outer_make = {"MAKELEVEL", "MAKEFLAGS", "MFLAGS"}
     env = {
-        **os.environ,
+        **{key: value for key, value in os.environ.items() if key not in outer_make},
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
         "GIT_AUTHOR_NAME": "t",
         "GIT_AUTHOR_EMAIL": "t@example.com",

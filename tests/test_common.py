@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from stages.common import WardrobeError, atomic_dir, atomic_path, read_csv, read_json
+from stages.common import WardrobeError, atomic_dir, atomic_path, complete_text, read_csv, read_json
 from stages.plumbing import find_tool
 
 
@@ -53,3 +53,22 @@ def test_find_tool_prefers_the_one_beside_this_python(monkeypatch: pytest.Monkey
     assert find_tool("git") == "/usr/bin/git"  # not beside this python: from PATH
     with pytest.raises(WardrobeError, match=r"^no-such-tool: command not found next to .* or on PATH; install"):
         find_tool("no-such-tool")
+
+
+def test_complete_text_never_cuts_a_sentence() -> None:
+    """Issue #27: a Keras message cut at 200 characters ended mid-sentence ("... is not supported by")."""
+    keras_message = (
+        "File format not supported: filepath=notes.txt. Keras 3 only supports V3 `.keras` files and legacy H5\n"
+        "format files (`.h5` extension). Note that the legacy SavedModel format is not supported by `load_model()` "
+        "in Keras 3. In order to reload a TensorFlow SavedModel as an inference-only layer in Keras 3, use "
+        "`keras.layers.TFSMLayer(notes.txt, call_endpoint='serving_default')` (note that your `call_endpoint` "
+        "might have a different name)."
+    )
+    text = complete_text(keras_message)
+    assert text == (
+        "File format not supported: filepath=notes.txt. Keras 3 only supports V3 `.keras` files and legacy H5 "
+        "format files (`.h5` extension). Note that the legacy SavedModel format is not supported by `load_model()` "
+        "in Keras 3. …"
+    )
+    assert complete_text("short\n  message") == "short message"
+    assert complete_text("x" * 500) == "x" * 500  # one sentence longer than the limit: kept whole

@@ -285,3 +285,15 @@ def test_blank_pictures_are_flagged(tiny_run: Path, tmp_path: Path) -> None:
     lines = text.stdout.splitlines()
     assert [line.endswith(BLANK_NOTE) for line in lines] == [True, True, False], lines
     assert [json.loads(line)["blank"] for line in answers.stdout.splitlines()] == [True, True, False]
+
+
+@pytest.mark.pipeline
+def test_a_long_library_message_ends_with_a_whole_sentence(tiny_run: Path, tmp_path: Path) -> None:
+    """Issue #27: `--model notes.txt` (a model file under another name) ended mid-sentence."""
+    shutil.copy(tiny_run / MODEL_PATH, tmp_path / "notes.txt")
+    shutil.copy(tiny_run / "pngs/000.png", tmp_path / "a.png")
+    result = run_module("stages.predict", "a.png", "--model", "notes.txt", cwd=tmp_path)
+    assert result.returncode == 1
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("error: notes.txt: cannot load model: File format not supported: filepath=notes.txt.")
+    assert line.endswith("is not supported by `load_model()` in Keras 3. …"), line

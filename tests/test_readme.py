@@ -217,7 +217,7 @@ def _queue_start(clone: Clone, command: Command) -> None:
 
 def _queue_status(clone: Clone, command: Command) -> None:
     deadline = time.monotonic() + 600
-    while True:  # "watch it until both say Success"
+    while True:  # "watch it until all four say Success"
         result = clone.run(command)
         _ok(result)
         if "Queued" not in result.stdout and "Running" not in result.stdout:

@@ -134,23 +134,20 @@ def check_quality(metrics: dict, gates: ValidateParams) -> list[str]:
     return problems
 
 
-def check_drop(metrics: dict, base: dict, rev: str, max_drop: float) -> list[str]:
-    drop = base["accuracy"] - metrics["accuracy"]
-    if drop > max_drop:
-        return [
-            f"{METRICS_PATH}: accuracy fell {drop:.4f} against {rev} ({base['accuracy']:.4f} -> "
-            f"{metrics['accuracy']:.4f}), more than validate.max_drop {max_drop}"
-        ]
-    return []
-
-
-def comparison_line(metrics: dict, base: dict, rev: str, max_drop: float) -> str:
-    """What --against compared, printed whether it passed or not."""
+def check_drop(metrics: dict, base: dict, rev: str, max_drop: float) -> tuple[str, list[str]]:
+    """What --against compared (printed whether it passed or not), and the problem if accuracy fell
+    by more than max_drop."""
     change = metrics["accuracy"] - base["accuracy"]
-    return (
+    compared = (
         f"validate: test accuracy {metrics['accuracy']:.4f} against {base['accuracy']:.4f} at {rev}: "
         f"{change:+.4f} (a drop of more than validate.max_drop {max_drop} fails)"
     )
+    if -change > max_drop:
+        return compared, [
+            f"{METRICS_PATH}: accuracy fell {-change:.4f} against {rev} ({base['accuracy']:.4f} -> "
+            f"{metrics['accuracy']:.4f}), more than validate.max_drop {max_drop}"
+        ]
+    return compared, []
 
 
 def check_csvs(test_size: int | None, class_names: tuple[str, ...]) -> list[str]:
@@ -249,12 +246,13 @@ def metrics_at(rev: str) -> dict:
     return json.loads(text)
 
 
-def validate(against: str | None, notes: list[str] | None = None) -> list[str]:
-    """Every problem found, one line each; [] means the outputs can be trusted. `notes` receives
-    what --against compared (its line is printed either way)."""
+def validate(against: str | None) -> tuple[list[str], list[str]]:
+    """Every problem found, one line each ([] means the outputs can be trusted), and what --against
+    compared (printed either way)."""
     params = load_params()
     outputs = [path for paths in STAGE_OUTPUTS.values() for path in paths]
     problems = params_match_conf()
+    notes: list[str] = []
     problems += [f"{path}: declared output is missing" for path in outputs if not path.exists()]
     try:  # the classes every per-class output must name: prepare's record of the data
         dataset = read_dataset(PREPARED_DIR)
@@ -274,10 +272,9 @@ def validate(against: str | None, notes: list[str] | None = None) -> list[str]:
         if not schema_problems:
             problems += check_quality(metrics, params.validate)
             if against:
-                base = metrics_at(against)
-                problems += check_drop(metrics, base, against, params.validate.max_drop)
-                if notes is not None:
-                    notes.append(comparison_line(metrics, base, against, params.validate.max_drop))
+                compared, drop = check_drop(metrics, metrics_at(against), against, params.validate.max_drop)
+                problems += drop
+                notes.append(compared)
     for path, check in ((EXPORT_JSON, check_export), (ENVIRONMENT_JSON, check_environment)):
         if path.exists():
             try:
@@ -291,7 +288,7 @@ def validate(against: str | None, notes: list[str] | None = None) -> list[str]:
     for path in PNGS:
         if path.exists():
             problems += check_png(path)
-    return problems + stale_stages() + (folder_fresh(params.data, dataset) if dataset else [])
+    return problems + stale_stages() + (folder_fresh(params.data, dataset) if dataset else []), notes
 
 
 def main() -> None:
@@ -301,11 +298,10 @@ def main() -> None:
         "--verdict", type=Path, metavar="FILE", help="also write the problems to FILE, one per line (for the report)"
     )
     args = parser.parse_args()
-    notes: list[str] = []
     try:
-        problems = validate(args.against, notes)
+        problems, notes = validate(args.against)
     except WardrobeError as error:
-        problems = [str(error)]
+        problems, notes = [str(error)], []
     for note in notes:
         print(note)
     if args.verdict:

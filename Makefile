@@ -97,6 +97,7 @@ bench: venv dataset
 	$(PY) -m bench.run --steps
 	$(PY) -m bench.serve
 	$(PY) -m bench.folder
+	$(PY) -m bench.scale
 
 # What CI does with the pipeline (.github/workflows/ci.yml runs exactly `make ci`):
 # reproduce, validate against BASE, write report.md. BASE defaults to the last commit.

@@ -58,19 +58,32 @@ def run_original(env: dict[str, str], work: Path) -> Row:
     return Row("original script (mlp, 5 epochs, batch 32)", wall, accuracy, rss, "one process")
 
 
-def run_pipeline(recipe: str, env: dict[str, str], work: Path, seed: int | None = None) -> Row:
-    project = work / (recipe if seed is None else f"{recipe}-seed{seed}")
-    project.mkdir()
-    for item in ("stages", "conf", "dvc.yaml", "params.yaml", ".dvc", "requirements.lock"):
+PROJECT_FILES = ("stages", "conf", "dvc.yaml", "params.yaml", ".dvc", "requirements.lock", "data/pictures")
+
+
+def new_project(project: Path, overrides: list[str], extra_conf: dict[str, str] | None = None) -> str:
+    """A fresh git repository holding a copy of the project (empty DVC cache), with params.yaml as
+    `dvc exp run -S OVERRIDE...` composes it from conf/ (plus `extra_conf`: conf files by path,
+    e.g. a dataset's). Returns the params text."""
+    project.mkdir(parents=True)
+    for item in PROJECT_FILES:
         source = REPO / item
         ignore = shutil.ignore_patterns("__pycache__", "tmp", "cache", "config.local")
         (shutil.copytree if source.is_dir() else shutil.copy)(
             source, project / item, **({"ignore": ignore} if source.is_dir() else {})
         )
-    # params.yaml as `dvc exp run -S train=RECIPE [-S train.seed=N]` composes it from conf/
-    params_text = compose(project / "conf", [f"train={recipe}"] + ([] if seed is None else [f"train.seed={seed}"]))
+    for name, text in (extra_conf or {}).items():
+        (project / "conf" / name).write_text(text)
+    params_text = compose(project / "conf", overrides)
     (project / "params.yaml").write_text(params_text)
     subprocess.run(["git", "init", "-q"], cwd=project, check=True)
+    return params_text
+
+
+def run_pipeline(recipe: str, env: dict[str, str], work: Path, seed: int | None = None) -> Row:
+    project = work / (recipe if seed is None else f"{recipe}-seed{seed}")
+    # params.yaml as `dvc exp run -S train=RECIPE [-S train.seed=N]` composes it from conf/
+    params_text = new_project(project, [f"train={recipe}"] + ([] if seed is None else [f"train.seed={seed}"]))
     stage_times, stage_rss = {}, {}
     # Every stage of dvc.yaml, in its order: the whole `dvc repro` a user pays for (since #16 also
     # export and card, which round 2's first bench run did not have yet).

@@ -96,19 +96,119 @@ def read_dataset(prepared_dir: Path) -> DatasetInfo:
     return info
 
 
-def load_split(prepared_dir: Path, split: str, mmap: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Load one prepared split; `mmap` keeps the big image array on disk until it is read."""
+# Images read per call by the stages that stream a split (evaluate, export): about this many bytes.
+CHUNK_BYTES = 64 * 2**20
+
+
+class ImageFile:
+    """A prepared split's images (float32 N×H×W or N×H×W×3 in a `.npy` file), read from disk
+    only as indexed: `x[i:j]` one read, `x[indices]` a read per run of consecutive rows, `x[i]`
+    one image. Nothing stays in memory between reads, and nothing is memory-mapped: a mapped
+    file's pages count in the process' resident set once touched, so an epoch over a mapped
+    100,000-picture split would hold it all. `np.asarray(x)` reads it whole (tests, notebooks)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            with open(path, "rb") as handle:
+                version = np.lib.format.read_magic(handle)
+                read_header = (
+                    np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                )
+                shape, fortran_order, dtype = read_header(handle)
+                self.offset = handle.tell()
+            size = path.stat().st_size
+        except (OSError, ValueError) as exc:
+            raise WardrobeError(f"{path}: cannot read a .npy header: {complete_text(exc)}") from exc
+        if fortran_order or dtype != np.float32 or len(shape) not in (3, 4):
+            raise WardrobeError(f"{path}: expected C-ordered float32 N×height×width(×3), got {shape} {dtype}")
+        self.shape: tuple[int, ...] = tuple(int(d) for d in shape)
+        self.dtype = np.dtype(np.float32)
+        self.row_bytes = int(np.prod(self.shape[1:])) * 4
+        expected = self.offset + self.shape[0] * self.row_bytes
+        if size != expected:
+            raise WardrobeError(f"{path}: {size} bytes, but {self.shape} float32 needs {expected} (truncated?)")
+        self._fd: int | None = None
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def _read(self, start: int, count: int, out: np.ndarray) -> None:
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        view, done = memoryview(out).cast("B"), 0
+        while done < count * self.row_bytes:  # pread may return less than asked
+            got = os.preadv(self._fd, [view[done:]], self.offset + start * self.row_bytes + done)
+            if got == 0:
+                raise WardrobeError(f"{self.path}: file ended early (changed while being read?)")
+            done += got
+
+    def __getitem__(self, key: int | slice | np.ndarray) -> np.ndarray:
+        if isinstance(key, slice):
+            start, stop, step = key.indices(len(self))
+            if step != 1:
+                return self[np.arange(start, stop, step)]
+            out = np.empty((max(stop - start, 0), *self.shape[1:]), np.float32)
+            if len(out):
+                self._read(start, len(out), out)
+            return out
+        if isinstance(key, int | np.integer):
+            index = int(key) + (len(self) if key < 0 else 0)
+            if not 0 <= index < len(self):
+                raise IndexError(f"index {key} out of range for {len(self)} images")
+            return self[index : index + 1][0]
+        indices = np.asarray(key, dtype=np.int64).reshape(-1)
+        if len(indices) and (indices.min() < 0 or indices.max() >= len(self)):
+            raise IndexError(f"an index is out of range for {len(self)} images")
+        out = np.empty((len(indices), *self.shape[1:]), np.float32)
+        # Runs of consecutive rows are one read each (a sorted or sequential batch is one read).
+        breaks = np.flatnonzero(np.diff(indices) != 1) + 1
+        for first, last in zip(np.r_[0, breaks], np.r_[breaks, len(indices)], strict=True):
+            self._read(int(indices[first]), int(last - first), out[first:last])
+        return out
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        whole = self[:]
+        return whole if dtype is None else whole.astype(dtype)
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+
+    def __getstate__(self) -> dict[str, Any]:  # a copy (another process) opens its own descriptor
+        return {**self.__dict__, "_fd": None}
+
+
+def image_chunks(x: ImageFile | np.ndarray, multiple: int) -> Iterator[np.ndarray]:
+    """The images of `x` in order, about CHUNK_BYTES at a time, each chunk a whole number of
+    `multiple` rows (an inference batch: the model then sees the same batches as on all of x)."""
+    row_bytes = int(np.prod(x.shape[1:])) * 4
+    rows = max(multiple, CHUNK_BYTES // row_bytes // multiple * multiple)
+    for start in range(0, len(x), rows):
+        yield np.asarray(x[start : start + rows])
+
+
+def load_split(prepared_dir: Path, split: str) -> tuple[ImageFile, np.ndarray]:
+    """One prepared split: its images on disk (ImageFile, read as indexed) and its labels (uint8,
+    one byte per image, in memory)."""
     shape = read_dataset(prepared_dir).image_shape
     x_path, y_path = split_paths(prepared_dir, split)
+    if not x_path.exists():
+        raise WardrobeError(
+            f"{x_path.parent}: cannot load split {split!r}: {x_path.name} not found; run `dvc repro prepare`"
+        )
+    x = ImageFile(x_path)
     try:
-        x = np.load(x_path, mmap_mode="r" if mmap else None, allow_pickle=False)
         y = np.load(y_path, allow_pickle=False)
     except (OSError, ValueError) as exc:
         raise WardrobeError(f"{x_path.parent}: cannot load split {split!r}: {exc}") from exc
-    if x.shape[1:] != shape or x.dtype != np.float32 or y.shape != (x.shape[0],):
+    if x.shape[1:] != shape or y.shape != (len(x),):
         raise WardrobeError(
-            f"{x_path}: expected N×{shape_text(shape)} float32 with {x.shape[0]} labels, "
-            f"got {x.shape} {x.dtype} and labels {y.shape}"
+            f"{x_path}: expected N×{shape_text(shape)} float32 with {len(x)} labels, got {x.shape} and labels {y.shape}"
         )
     return x, y
 

@@ -5,6 +5,7 @@ PIL and NumPy only: predict's TensorFlow-free install imports it.
 
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
 
@@ -18,9 +19,10 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif"}
 MAX_PIXELS = 64_000_000
 
 
-def decode_image(path: Path, channels: int) -> np.ndarray:
+def decode_image(path: Path, channels: int, data: bytes | None = None) -> np.ndarray:
     """One image file (first frame) as uint8 H×W (channels 1: grayscale) or H×W×3 (RGB);
-    transparent parts become white. A bad file raises WardrobeError naming it."""
+    transparent parts become white. A bad file raises WardrobeError naming it. `data`: the file's
+    bytes, already read (prepare hashes the same bytes it decodes)."""
     try:
         # PIL reads only the header at open. Its own bomb check (a warning above its
         # MAX_IMAGE_PIXELS, about 89 megapixels, made fatal here; an error above twice that) fires
@@ -28,7 +30,7 @@ def decode_image(path: Path, channels: int) -> np.ndarray:
         # changing PIL's process-wide limit.
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(path)
+            image = Image.open(io.BytesIO(data) if data is not None else path)
         with image:
             if image.width * image.height > MAX_PIXELS:
                 raise Image.DecompressionBombError(f"{image.width}×{image.height}")

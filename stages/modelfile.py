@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from stages.common import DatasetInfo, WardrobeError, complete_text, shape_text
+from stages.common import DatasetInfo, ImageFile, WardrobeError, complete_text, image_chunks, shape_text
 
 # The record in the model file's metadata.json (save_model writes it) and in the ONNX graph's
 # metadata_props (export writes it, JSON-encoded values).
@@ -184,23 +184,28 @@ def shifted(x: np.ndarray, dy: int, dx: int) -> np.ndarray:
     return out
 
 
-def predict_proba(model: Any, x: np.ndarray, batch_size: int, views: Views) -> np.ndarray:
+def predict_proba(model: Any, x: ImageFile | np.ndarray, batch_size: int, views: Views) -> np.ndarray:
     """Class probabilities of a Keras model: the mean over the views.
 
-    One view at a time, so memory stays at one copy of x however many views there are.
+    A chunk of x at a time (a prepared split is read from disk as it goes) and one view at a
+    time, so memory holds a chunk, not the split. Each chunk is a whole number of batches: the
+    model sees the batches it would see on all of x, and gives the same numbers.
     """
-    total = None
-    for dy, dx, mirror in views.offsets():
-        view = shifted(x, dy, dx) if dy or dx else x
-        probs = model.predict(view[:, :, ::-1] if mirror else view, batch_size=batch_size, verbose=0)
-        total = probs if total is None else total + probs
-    return total / len(views)
+    parts = []
+    for chunk in image_chunks(x, batch_size):
+        total = None
+        for dy, dx, mirror in views.offsets():
+            view = shifted(chunk, dy, dx) if dy or dx else chunk
+            probs = model.predict(view[:, :, ::-1] if mirror else view, batch_size=batch_size, verbose=0)
+            total = probs if total is None else total + probs
+        parts.append(total / len(views))
+    return np.concatenate(parts) if parts else np.zeros((0, model.output_shape[-1]), np.float32)
 
 
 class Classifier(Protocol):
     record: ModelRecord
 
-    def predict_proba(self, x: np.ndarray, batch_size: int) -> np.ndarray: ...
+    def predict_proba(self, x: ImageFile | np.ndarray, batch_size: int) -> np.ndarray: ...
 
 
 @dataclass(frozen=True)
@@ -214,7 +219,7 @@ class KerasClassifier:
     def views(self) -> Views:
         return self.record.views
 
-    def predict_proba(self, x: np.ndarray, batch_size: int) -> np.ndarray:
+    def predict_proba(self, x: ImageFile | np.ndarray, batch_size: int) -> np.ndarray:
         return predict_proba(self.model, x, batch_size, self.record.views)
 
 
@@ -232,7 +237,7 @@ class OnnxClassifier:
     record: ModelRecord
     exported_from: str = ""  # SHA-256 of the Keras model file export converted ("" if unrecorded)
 
-    def predict_proba(self, x: np.ndarray, batch_size: int) -> np.ndarray:
+    def predict_proba(self, x: ImageFile | np.ndarray, batch_size: int) -> np.ndarray:
         name = self.session.get_inputs()[0].name
         batches = [self.session.run(None, {name: x[i : i + batch_size]})[0] for i in range(0, len(x), batch_size)]
         return np.concatenate(batches)

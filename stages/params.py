@@ -45,6 +45,11 @@ IMAGE_SIZE = _rule(lambda v: len(v) == 2 and min(v) >= 8, "must be [height, widt
 CHANNELS = _rule(lambda v: v in (1, 3), "must be 1 or 3")
 # The sets of a dataset: `train` (validation is split from it) and `test` (held out).
 DATA_SETS = ("train", "test")
+# A folder dataset's pictures live below this folder, which dvc.yaml names as a dependency of
+# prepare: a picture added, changed or removed there makes `dvc status` name prepare. (DVC cannot
+# take a dependency's path from a param that only some datasets have, and a folder outside the
+# repository could not be pushed with `dvc push` anyway.)
+PICTURES_DIR = Path("data/pictures")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -92,12 +97,31 @@ class DataParams:
         return tuple(name for data_set in DATA_SETS for name in (self.files or {}).get(data_set, ()))
 
 
+def untracked_folders(data: DataParams) -> list[str]:
+    """A problem line per folder of a folder dataset that is not below PICTURES_DIR (prepare
+    refuses to run then: DVC would not see its pictures change). The library functions read any
+    folder; only the stage, which DVC runs for this dependency, needs the rule."""
+    problems = []
+    for key in ("root", "test_root"):
+        folder = getattr(data, key)
+        relative = Path(folder or "")
+        if folder and (relative.is_absolute() or ".." in relative.parts or relative.parts[:2] != PICTURES_DIR.parts):
+            problems.append(
+                f"data.{key}: {folder} is not below {PICTURES_DIR}/, the folder DVC tracks for prepare; "
+                f"move or `dvc add` the pictures into {PICTURES_DIR}/NAME and set {key}: {PICTURES_DIR}/NAME"
+            )
+    return problems
+
+
 @dataclass(frozen=True)
 class PrepareParams:
     val_fraction: float = field(metadata=FRACTION)
     seed: int = field(metadata=NON_NEGATIVE)
     download_timeout_s: float = field(metadata=POSITIVE)
     max_download_mb: float = field(metadata=POSITIVE)
+    # Processes that decode a folder's pictures; 0 = one per core this process may use. The arrays
+    # are the same bytes whatever the number (each picture's place is fixed before decoding).
+    workers: int = field(metadata=NON_NEGATIVE)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -10,20 +10,23 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import os
 import sys
 import urllib.error
 import urllib.parse
 import urllib.request
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from stages.common import DATASET_FILE, DatasetInfo, WardrobeError, atomic_dir, run_main, split_paths
+from stages.common import DATASET_FILE, SPLITS, DatasetInfo, WardrobeError, atomic_dir, run_main, split_paths
 from stages.images import IMAGE_SUFFIXES, decode_image, resize
 from stages.outputs import PREPARED_DIR
-from stages.params import DataParams, PrepareParams, load_section
+from stages.params import PARAMS_FILE, DataParams, PrepareParams, load_section, untracked_folders
 
 IDX_DTYPE_UBYTE = 0x08
 # Fashion-MNIST's largest file (train images) is 47 MB decompressed; a cap keeps a corrupt file
@@ -33,6 +36,7 @@ LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 # A folder of this many pictures or more gets a progress line on stderr at every tenth read; a
 # smaller one reads in a moment, and a bad picture's error stays the only line.
 PROGRESS_FROM = 1000
+IDX_CHUNK = 4096  # IDX images normalized and written at a time
 
 
 def parse_idx(data: bytes, name: str) -> np.ndarray:
@@ -158,12 +162,12 @@ def fetch_verified(name: str, data: DataParams, params: PrepareParams) -> bytes:
     raise WardrobeError(f"{name}: no source worked; tried " + "; ".join(failures))
 
 
-Splits = dict[str, tuple[np.ndarray, np.ndarray]]
 Labelled = tuple[np.ndarray, np.ndarray]  # uint8 images, uint8 labels
 
 
 def load_idx(data: DataParams, params: PrepareParams) -> tuple[Labelled, Labelled]:
-    """The train and test sets of an IDX dataset, fetched and verified."""
+    """The train and test sets of an IDX dataset, fetched and verified (the files are at most
+    MAX_DECOMPRESSED_BYTES each: they are held as uint8, the float32 arrays are written in chunks)."""
     assert data.files is not None and data.class_names is not None, "the schema requires them for idx"
     sets = {}
     for name, (images_name, labels_name) in data.files.items():
@@ -174,72 +178,70 @@ def load_idx(data: DataParams, params: PrepareParams) -> tuple[Labelled, Labelle
     return sets["train"], sets["test"]
 
 
-Pictures = list[tuple[Path, int]]  # each picture file with its label
+@dataclass(frozen=True)
+class Pictures:
+    """A class-per-folder picture tree: each picture's path below `root` (CLASS/FILE) and label,
+    ordered by file name, then class. Plain strings and one byte per label, so listing 100,000
+    pictures takes a few megabytes."""
+
+    root: Path
+    classes: tuple[str, ...]
+    names: list[str]
+    labels: np.ndarray  # uint8
 
 
-def list_pictures(root: Path, class_names: tuple[str, ...] | None = None) -> tuple[tuple[str, ...], Pictures]:
+def list_pictures(root: Path, class_names: tuple[str, ...] | None = None) -> Pictures:
     """ROOT/CLASS/PICTURE: the classes (the sub-folders, sorted; `class_names` if given must match)
-    and each picture with its label, ordered by file name, then class. Hidden entries (a leading
-    dot) are skipped; any other file that is not a picture is refused, naming it."""
+    and every picture with its label. Hidden entries (a leading dot) are skipped; any other file
+    that is not a picture is refused, naming it."""
     if not root.is_dir():
         raise WardrobeError(f"{root}: no such folder")
-    classes = tuple(sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")))
+    classes = tuple(sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith(".")))
     if class_names is not None and classes != class_names:
         raise WardrobeError(f"{root}: class folders {list(classes)}, not the training folder's {list(class_names)}")
     if len(classes) < 2:
         raise WardrobeError(f"{root}: needs a sub-folder per class, at least two; found {list(classes)}")
-    pictures = []
+    entries: list[tuple[str, int]] = []
     for label, name in enumerate(classes):
-        files = sorted(f for f in (root / name).iterdir() if not f.name.startswith("."))
+        files = sorted(e.name for e in os.scandir(root / name) if not e.name.startswith("."))
         if not files:
             raise WardrobeError(f"{root / name}: empty class folder")
-        for path in files:
-            if path.is_dir() or path.suffix.lower() not in IMAGE_SUFFIXES:
+        for file in files:
+            path = root / name / file
+            if os.path.splitext(file)[1].lower() not in IMAGE_SUFFIXES or path.is_dir():
                 raise WardrobeError(
                     f"{path}: not a picture ({', '.join(sorted(IMAGE_SUFFIXES))}); move it out of the dataset folder"
                 )
-            pictures.append((path, label))
-    pictures.sort(key=lambda picture: (picture[0].name, picture[1]))
-    return classes, pictures
+            entries.append((file, label))
+    entries.sort()
+    names = [f"{classes[label]}/{file}" for file, label in entries]
+    return Pictures(root, classes, names, np.array([label for _, label in entries], dtype=np.uint8))
 
 
-def snapshot(pictures: Pictures) -> list[tuple[str, int, int]]:
-    """Name, size and modification time of every picture: equal before and after reading, or the
-    folder changed while it was read."""
-    return [(str(path), (st := path.stat()).st_size, st.st_mtime_ns) for path, _ in pictures]
+def snapshot(pictures: Pictures) -> str:
+    """A digest of every picture's name, size and modification time: equal before and after
+    reading, or the folder changed while it was read."""
+    digest = hashlib.sha256()
+    for name in pictures.names:
+        try:
+            st = os.stat(pictures.root / name)
+        except FileNotFoundError:
+            return "changed"
+        digest.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
 
 
-def check_unchanged(root: Path, pictures: Pictures, before: list[tuple[str, int, int]]) -> None:
-    try:
-        changed = snapshot(pictures) != before
-    except FileNotFoundError:
-        changed = True
-    if changed:
-        raise WardrobeError(f"{root}: pictures changed while being read; run prepare again")
+def content_line(name: str, raw_sha256: str) -> bytes:
+    """One picture's line in the folder's content hash: its path below the root and its bytes' SHA-256."""
+    return f"{name}\0{raw_sha256}\n".encode()
 
 
-def read_pictures(root: Path, pictures: Pictures, data: DataParams) -> tuple[Labelled, str]:
-    """The pictures as uint8 N×H×W (grayscale) or N×H×W×3 (RGB) at data.image_size, their labels,
-    and the folder's content hash (content_sha256), with progress on stderr for a large folder."""
-    assert data.image_size is not None and data.channels is not None, "the schema requires them for folder"
-    size = (data.image_size[0], data.image_size[1])
-    images = np.empty((len(pictures), *size, *([3] if data.channels == 3 else [])), dtype=np.uint8)
-    before, shown = snapshot(pictures), -1
-    for index, (path, _) in enumerate(pictures):
-        images[index] = resize(decode_image(path, data.channels), size)
-        if len(pictures) >= PROGRESS_FROM and (tenth := 10 * (index + 1) // len(pictures)) != shown:
-            shown = tenth
-            print(f"  {root}: {index + 1}/{len(pictures)} pictures", file=sys.stderr)
-    content = content_sha256(root, pictures)
-    check_unchanged(root, pictures, before)
-    return (images, np.array([label for _, label in pictures], dtype=np.uint8)), content
-
-
-def content_sha256(root: Path, pictures: Pictures) -> str:
-    """SHA-256 over every picture's path below `root` and the SHA-256 of its bytes."""
+def content_sha256(pictures: Pictures) -> str:
+    """SHA-256 over every picture's path below the root and the SHA-256 of its bytes (prepare
+    computes the same while decoding, from the bytes it decodes)."""
     content = hashlib.sha256()
-    for path, _ in pictures:
-        content.update(f"{path.relative_to(root)}\0{hashlib.sha256(path.read_bytes()).hexdigest()}\n".encode())
+    for name in pictures.names:
+        content.update(content_line(name, hashlib.sha256((pictures.root / name).read_bytes()).hexdigest()))
     return content.hexdigest()
 
 
@@ -248,81 +250,239 @@ def combined(train: str, test: str) -> str:
     return hashlib.sha256(f"{train}\n{test}".encode()).hexdigest()
 
 
-def folder_content(data: DataParams) -> str:
-    """What content_sha256 prepare would record for the folders now, without decoding a picture:
-    validate compares it with data/prepared/dataset.json, since DVC does not track the folders."""
-    assert data.root is not None, "the schema requires it for folder"
-    classes, pictures = list_pictures(Path(data.root))
-    content = content_sha256(Path(data.root), pictures)
-    if data.test_root:
-        _, test_pictures = list_pictures(Path(data.test_root), classes)
-        content = combined(content, content_sha256(Path(data.test_root), test_pictures))
-    return content
-
-
-def load_folders(data: DataParams, params: PrepareParams) -> tuple[Labelled, Labelled, tuple[str, ...], str]:
-    """The train and test sets of an image-folder dataset, its class names and content hash."""
-    assert data.root is not None and data.test_fraction is not None, "the schema requires them for folder"
-    root = Path(data.root)
-    classes, pictures = list_pictures(root)
-    train, content = read_pictures(root, pictures, data)
-    if data.test_root:
-        test_root = Path(data.test_root)
-        test, test_content = read_pictures(test_root, list_pictures(test_root, classes)[1], data)
-        content = combined(content, test_content)
+def plan_splits(
+    labels: np.ndarray, test_from: int | None, test_fraction: float, params: PrepareParams
+) -> dict[str, np.ndarray]:
+    """Which source images go to train, val and test: indices into `labels`, ascending, so each
+    split keeps the source order. Test is every image from `test_from` on (a separate test set),
+    or, when it is None, a stratified `test_fraction` of all of them; validation is a stratified
+    `val_fraction` of the rest. Only labels are needed: the places are fixed before any image is
+    decoded, so each can be written where it belongs as soon as it is."""
+    if test_from is None:
+        train_idx, test_idx = stratified_split(labels, test_fraction, params.seed)
     else:
-        train_idx, test_idx = stratified_split(train[1], data.test_fraction, params.seed)
-        train, test = (train[0][train_idx], train[1][train_idx]), (train[0][test_idx], train[1][test_idx])
-    return train, test, classes, content
+        train_idx, test_idx = np.arange(test_from), np.arange(test_from, len(labels))
+    keep, val = stratified_split(labels[train_idx], params.val_fraction, params.seed)
+    return {"train": train_idx[keep], "val": train_idx[val], "test": test_idx}
 
 
-def load_dataset(data: DataParams, params: PrepareParams) -> tuple[Splits, DatasetInfo]:
-    """Fetch or read, verify, split: (images, labels) of train, val and test, and their record."""
-    if data.format == "folder":
-        (x_all, y_all), test, classes, content = load_folders(data, params)
-    else:
-        (x_all, y_all), test = load_idx(data, params)
-        classes = data.class_names or ()
-        content = hashlib.sha256("".join(f"{k} {v}\n" for k, v in sorted((data.sha256 or {}).items())).encode())
-        content = content.hexdigest()
-    if x_all.shape[1:] != test[0].shape[1:]:
-        raise WardrobeError(f"test set: images are {test[0].shape[1:]}, the train set's {x_all.shape[1:]}")
-    train_idx, val_idx = stratified_split(y_all, params.val_fraction, params.seed)
-    raw = {"train": (x_all[train_idx], y_all[train_idx]), "val": (x_all[val_idx], y_all[val_idx]), "test": test}
-    for split, (_, labels) in raw.items():
-        if missing := sorted(set(range(len(classes))) - set(np.unique(labels).tolist())):
+def check_classes(plan: dict[str, np.ndarray], labels: np.ndarray, classes: tuple[str, ...]) -> None:
+    for split, indices in plan.items():
+        if missing := sorted(set(range(len(classes))) - set(np.unique(labels[indices]).tolist())):
             raise WardrobeError(
                 f"{split} split: no pictures of {', '.join(classes[i] for i in missing)}; "
                 "each class needs enough pictures for the test and validation splits (or fewer held out)"
             )
-    splits = {split: (normalize(images), labels.astype(np.uint8)) for split, (images, labels) in raw.items()}
-    info = DatasetInfo(
+
+
+@dataclass(frozen=True)
+class SplitFiles:
+    """The split files' images: each split's `.npy` file (in SPLITS order), the byte offset of its
+    first image row, and the bytes of one row."""
+
+    files: tuple[str, ...]
+    offsets: tuple[int, ...]
+    row_bytes: int
+
+    def write(self, images: np.ndarray, splits: np.ndarray, rows: np.ndarray) -> None:
+        """Normalize uint8 `images` and write image k at row rows[k] of split splits[k]."""
+        normalized = normalize(images)
+        descriptors: dict[int, int] = {}
+        try:
+            for k, (split, row) in enumerate(zip(splits.tolist(), rows.tolist(), strict=True)):
+                if split not in descriptors:
+                    descriptors[split] = os.open(self.files[split], os.O_WRONLY)
+                os.pwrite(descriptors[split], normalized[k].tobytes(), self.offsets[split] + row * self.row_bytes)
+        finally:
+            for descriptor in descriptors.values():
+                os.close(descriptor)
+
+
+def create_splits(
+    staging: Path, plan: dict[str, np.ndarray], labels: np.ndarray, image_shape: tuple[int, ...]
+) -> tuple[SplitFiles, np.ndarray, np.ndarray]:
+    """Each split's labels file, and its images file at full size (the header np.save writes, the
+    rows not yet written); and, per source image, its split number (in SPLITS) and row there."""
+    split_of = np.full(len(labels), -1, dtype=np.int8)
+    row_of = np.zeros(len(labels), dtype=np.int64)
+    files, offsets = [], []
+    for number, split in enumerate(SPLITS):
+        indices = plan[split]
+        split_of[indices], row_of[indices] = number, np.arange(len(indices))
+        x_path, y_path = split_paths(staging, split)
+        with open(y_path, "wb") as handle:
+            np.save(handle, labels[indices].astype(np.uint8), allow_pickle=False)
+        header = np.lib.format.open_memmap(x_path, mode="w+", dtype=np.float32, shape=(len(indices), *image_shape))
+        files.append(str(x_path))
+        offsets.append(int(header.offset))
+        del header  # no page was touched: the file stays sparse until its rows are written
+    assert (split_of >= 0).all(), "every source image has a split"
+    return SplitFiles(tuple(files), tuple(offsets), int(np.prod(image_shape)) * 4), split_of, row_of
+
+
+def fsync_files(split_files: SplitFiles) -> None:
+    for name in split_files.files:
+        with open(name, "rb+") as handle:
+            os.fsync(handle.fileno())
+
+
+# --- a picture folder: decoded by a pool of processes, each writing its own pictures' rows -----
+# A chunk is a run of consecutive pictures of one folder. Its process decodes and normalizes them
+# and writes each row at its place in the split files (pwrite: whatever order chunks finish in),
+# and returns the SHA-256 of each picture's bytes, which the parent adds to the folder's content
+# hash in order. So the files are the same bytes with any number of processes.
+CHUNK_PICTURES = 256
+
+
+@dataclass(frozen=True)
+class Chunk:
+    paths: list[str]
+    splits: np.ndarray  # each picture's split number and row there
+    rows: np.ndarray
+    channels: int
+    size: tuple[int, int]
+    split_files: SplitFiles
+
+
+def decode_chunk(chunk: Chunk) -> list[str]:
+    """Decode, resize, normalize and write one chunk; return each picture's bytes' SHA-256."""
+    images = np.empty((len(chunk.paths), *chunk.size, *([3] if chunk.channels == 3 else [])), dtype=np.uint8)
+    digests = []
+    for k, name in enumerate(chunk.paths):
+        path = Path(name)
+        raw = read_picture(path)
+        digests.append(hashlib.sha256(raw).hexdigest())
+        images[k] = resize(decode_image(path, chunk.channels, raw), chunk.size)
+    chunk.split_files.write(images, chunk.splits, chunk.rows)
+    return digests
+
+
+def read_picture(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise WardrobeError(f"{path}: picture removed while the folder was read; run prepare again") from None
+    except OSError as exc:
+        raise WardrobeError(f"{path}: cannot read: {exc.strerror}") from exc
+
+
+def worker_count(setting: int) -> int:
+    """prepare.workers, 0 meaning one per core this process may run on."""
+    return setting or len(os.sched_getaffinity(0))
+
+
+def decode_folder(
+    pictures: Pictures, first: int, targets: tuple[SplitFiles, np.ndarray, np.ndarray], data: DataParams, pool: Any
+) -> str:
+    """Decode every picture of one folder (source indices first, first+1, ...) into the split
+    files, in `pool` (None: in this process); return the folder's content hash. Chunks are made
+    as the pool takes them, so memory does not grow with the folder."""
+    assert data.image_size is not None and data.channels is not None, "the schema requires them for folder"
+    split_files, split_of, row_of = targets
+    size, channels, total = (data.image_size[0], data.image_size[1]), data.channels, len(pictures.names)
+    starts = range(0, total, CHUNK_PICTURES)
+    chunks = (
+        Chunk(
+            [str(pictures.root / name) for name in pictures.names[start : start + CHUNK_PICTURES]],
+            split_of[first + start : first + min(start + CHUNK_PICTURES, total)],
+            row_of[first + start : first + min(start + CHUNK_PICTURES, total)],
+            channels,
+            size,
+            split_files,
+        )
+        for start in starts
+    )
+    before, content, shown = snapshot(pictures), hashlib.sha256(), -1
+    for start, digests in zip(
+        starts, pool.imap(decode_chunk, chunks) if pool else map(decode_chunk, chunks), strict=True
+    ):
+        for name, digest in zip(pictures.names[start : start + CHUNK_PICTURES], digests, strict=True):
+            content.update(content_line(name, digest))
+        done = min(start + CHUNK_PICTURES, total)
+        if total >= PROGRESS_FROM and (tenth := 10 * done // total) != shown:
+            shown = tenth
+            print(f"  {pictures.root}: {done}/{total} pictures", file=sys.stderr)
+    if snapshot(pictures) != before:
+        raise WardrobeError(f"{pictures.root}: pictures changed while being read; run prepare again")
+    return content.hexdigest()
+
+
+def prepare_folders(data: DataParams, params: PrepareParams, staging: Path) -> DatasetInfo:
+    """An image-folder dataset, decoded straight into the split files in `staging`."""
+    assert data.root is not None and data.test_fraction is not None, "the schema requires them for folder"
+    assert data.image_size is not None and data.channels is not None, "the schema requires them for folder"
+    sources = [list_pictures(Path(data.root))]
+    if data.test_root:
+        sources.append(list_pictures(Path(data.test_root), sources[0].classes))
+    classes = sources[0].classes
+    labels = np.concatenate([pictures.labels for pictures in sources])
+    plan = plan_splits(labels, len(sources[0].names) if data.test_root else None, data.test_fraction, params)
+    check_classes(plan, labels, classes)
+    image_shape = (*data.image_size, *([3] if data.channels == 3 else []))
+    targets = create_splits(staging, plan, labels, image_shape)
+    workers = worker_count(params.workers)
+    # spawn, not fork: a worker starts from a clean interpreter (no copy of the parent's listing).
+    pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
+    try:
+        hashes = [decode_folder(sources[0], 0, targets, data, pool)]
+        if data.test_root:
+            hashes.append(decode_folder(sources[1], len(sources[0].names), targets, data, pool))
+    finally:
+        if pool:
+            pool.terminate()
+    fsync_files(targets[0])
+    content = combined(*hashes) if data.test_root else hashes[0]
+    return dataset_info(data, classes, image_shape, plan, content)
+
+
+def prepare_idx(data: DataParams, params: PrepareParams, staging: Path) -> DatasetInfo:
+    """An IDX dataset: fetched, verified, and written to the split files in chunks."""
+    (x_train, y_train), (x_test, y_test) = load_idx(data, params)
+    if x_train.shape[1:] != x_test.shape[1:]:
+        raise WardrobeError(f"test set: images are {x_test.shape[1:]}, the train set's {x_train.shape[1:]}")
+    classes = data.class_names or ()
+    labels = np.concatenate([y_train, y_test])
+    plan = plan_splits(labels, len(y_train), 0.0, params)
+    check_classes(plan, labels, classes)
+    image_shape = tuple(int(d) for d in x_train.shape[1:])
+    split_files, split_of, row_of = create_splits(staging, plan, labels, image_shape)
+    for first, images in ((0, x_train), (len(x_train), x_test)):
+        for start in range(0, len(images), IDX_CHUNK):
+            chunk = images[start : start + IDX_CHUNK]
+            rows = slice(first + start, first + start + len(chunk))
+            split_files.write(chunk, split_of[rows], row_of[rows])
+    fsync_files(split_files)
+    content = hashlib.sha256("".join(f"{k} {v}\n" for k, v in sorted((data.sha256 or {}).items())).encode())
+    return dataset_info(data, classes, image_shape, plan, content.hexdigest())
+
+
+def dataset_info(
+    data: DataParams, classes: tuple[str, ...], image_shape: tuple[int, ...], plan: dict[str, np.ndarray], content: str
+) -> DatasetInfo:
+    return DatasetInfo(
         name=data.name,
         class_names=classes,
-        image_shape=tuple(int(d) for d in x_all.shape[1:]),
+        image_shape=image_shape,
         photo_fit=data.photo_fit,
-        counts={split: len(labels) for split, (_, labels) in splits.items()},
+        counts={split: len(plan[split]) for split in SPLITS},
         content_sha256=content,
     )
-    return splits, info
 
 
-def save_arrays(splits: Splits, info: DatasetInfo, out_dir: Path) -> None:
-    """Write all arrays and the record into a temp folder beside `out_dir`, then swap it in: never
-    half a dataset."""
+def prepare(data: DataParams, params: PrepareParams, out_dir: Path) -> DatasetInfo:
+    """Read, verify, split and write the dataset into a temp folder beside `out_dir`, then swap it
+    in whole: a failed or killed run never leaves half a dataset, and the previous one stays."""
     with atomic_dir(out_dir) as staging:
+        info = (prepare_folders if data.format == "folder" else prepare_idx)(data, params, staging)
         (staging / DATASET_FILE).write_text(json.dumps(info.to_json(), indent=2) + "\n", encoding="utf-8")
-        for split, arrays in splits.items():
-            for path, array in zip(split_paths(staging, split), arrays, strict=True):
-                with open(path, "wb") as handle:
-                    np.save(handle, array, allow_pickle=False)
-                    os.fsync(handle.fileno())
+    return info
 
 
 def main() -> None:
     data, params = load_section(DataParams), load_section(PrepareParams)
-    splits, info = load_dataset(data, params)
-    save_arrays(splits, info, PREPARED_DIR)
+    if problems := untracked_folders(data):
+        raise WardrobeError(f"{PARAMS_FILE}: {problems[0]}")
+    info = prepare(data, params, PREPARED_DIR)
     sizes = ", ".join(f"{split} {count}" for split, count in info.counts.items())
     print(f"prepare: wrote {PREPARED_DIR}/ ({info.name}: {sizes}; {len(info.class_names)} classes)")
 

@@ -15,6 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from stages.common import (
+    ImageFile,
     WardrobeError,
     atomic_path,
     enable_determinism,
@@ -47,7 +48,7 @@ class EpochFromOneCSVLogger(keras.callbacks.CSVLogger):
 
 
 def make_dataset(
-    x: np.ndarray,
+    x: ImageFile | np.ndarray,
     y: np.ndarray,
     batch_size: int,
     shuffle_seed: int | None,
@@ -56,17 +57,26 @@ def make_dataset(
     shift: int = 0,
     epoch: tf.Variable | None = None,
 ) -> tf.data.Dataset:
-    """Batches of (images, labels); shuffles index batches, so the images are copied once, into TF.
+    """Batches of (images, labels); shuffles indices and reads each batch's images from `x` (a
+    prepared split on disk, or an array) as it is needed, so no copy of the images is held.
     Labels are one-hot vectors of `one_hot` classes (label smoothing needs them), else integers.
 
-    Shuffling indices and gathering a batch at a time keeps the shuffle buffer tiny (one int
-    per image) instead of a second copy of the 170 MB training array. `flip` and `shift`
-    augment each batch (augment_batch) with random numbers drawn from the seeded
-    `Dataset.random`, new in each epoch and the same in every run. `flip="alternate"` mirrors a
-    fixed seeded half of the images when `epoch` (a variable fit sets at each epoch's start; the
-    iterator is made after it) is even, the other half when it is odd.
+    The shuffle buffer holds one int per image. `flip` and `shift` augment each batch
+    (augment_batch) with random numbers drawn from the seeded `Dataset.random`, new in each epoch
+    and the same in every run. `flip="alternate"` mirrors a fixed seeded half of the images when
+    `epoch` (a variable fit sets at each epoch's start; the iterator is made after it) is even,
+    the other half when it is odd. Reading is the only change from an in-memory gather: the same
+    indices give the same images, so the same seed gives the same batches (and model bits).
     """
-    images, labels = tf.constant(x), tf.constant(y)
+    labels = tf.constant(y)
+    image_shape = tuple(x.shape[1:])
+
+    def read_images(idx: tf.Tensor) -> tf.Tensor:
+        # The prefetch below reads the next batches while the model trains on this one.
+        batch = tf.numpy_function(lambda rows: x[rows], [idx], tf.float32, stateful=False)
+        batch.set_shape((None, *image_shape))
+        return batch
+
     indices = tf.data.Dataset.range(len(x))
     if shuffle_seed is not None:
         indices = indices.shuffle(len(x), seed=shuffle_seed, reshuffle_each_iteration=True)
@@ -86,7 +96,7 @@ def make_dataset(
         batch_labels = tf.gather(labels, idx)
         if one_hot:
             batch_labels = tf.one_hot(batch_labels, one_hot)
-        batch_images = tf.gather(images, idx)
+        batch_images = read_images(idx)
         if augment:
             mirrored = None
             if flip == "alternate":

@@ -21,7 +21,6 @@ import yaml
 from PIL import Image, UnidentifiedImageError
 
 from stages.common import (
-    DatasetInfo,
     WardrobeError,
     complete_text,
     read_dataset,
@@ -50,9 +49,8 @@ from stages.outputs import (
     PREPARED_DIR,
     STAGE_OUTPUTS,
 )
-from stages.params import CONF_DIR, PARAMS_FILE, DataParams, ValidateParams, compose, disagreements, load_params
+from stages.params import CONF_DIR, PARAMS_FILE, ValidateParams, compose, disagreements, load_params
 from stages.plumbing import file_at, find_tool
-from stages.prepare import folder_content
 
 MIN_PNG_SIDE = 200
 
@@ -210,23 +208,6 @@ def stale_stages() -> list[str]:
     return problems
 
 
-def folder_fresh(data: DataParams, recorded: DatasetInfo) -> list[str]:
-    """A folder dataset is a path in the params, not a DVC dependency: pictures added or changed
-    since prepare ran leave `dvc status` clean, so compare the folder with what prepare recorded."""
-    if data.format != "folder":
-        return []
-    try:
-        now = folder_content(data)
-    except WardrobeError as error:
-        return [str(error)]
-    if now != recorded.content_sha256:
-        return [
-            f"{PREPARED_DIR}: prepared from other pictures than {data.root} holds now; "
-            "run `dvc repro --force prepare` (or `dvc exp run --force`)"
-        ]
-    return []
-
-
 def params_match_conf() -> list[str]:
     """params.yaml must be what conf/ composes to: `dvc exp run` recomposes it, so a value that lives
     only in params.yaml (a hand edit, or an experiment's -S brought in by `dvc exp branch`) would be
@@ -288,7 +269,7 @@ def validate(against: str | None) -> tuple[list[str], list[str]]:
     for path in PNGS:
         if path.exists():
             problems += check_png(path)
-    return problems + stale_stages() + (folder_fresh(params.data, dataset) if dataset else []), notes
+    return problems + stale_stages(), notes
 
 
 def main() -> None:

@@ -185,6 +185,8 @@ def make_project(repo: Path, params: dict) -> Path:
     shutil.copytree(REPO / "conf", repo / "conf")
     for name in ("dvc.yaml", "Makefile", ".gitignore", "requirements.lock"):
         shutil.copy(REPO / name, repo / name)
+    (repo / "data/pictures").mkdir(parents=True, exist_ok=True)  # prepare's dependency (dvc.yaml)
+    shutil.copy(REPO / "data/pictures/README.md", repo / "data/pictures/README.md")
     write_params(repo, params)
     sh(repo, "git", "init", "-q", "-b", "main")
     sh(repo, "git", "add", "-A")

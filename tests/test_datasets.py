@@ -5,10 +5,15 @@ file, the exported ONNX graph and wardrobe-predict under both runtimes."""
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
 import json
+import os
 import shutil
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +21,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from stages.common import WardrobeError
+from stages.common import SPLITS, WardrobeError, load_split
 from stages.params import DataParams, PrepareParams, parse_params
-from stages.prepare import check_unchanged, list_pictures, load_dataset, snapshot
+from stages.prepare import list_pictures, prepare, snapshot
 from tests.conftest import (
     CLASS_NAMES,
     REPO,
@@ -28,7 +33,9 @@ from tests.conftest import (
     committed_params,
     idx_bytes,
     make_project,
+    module_env,
     png_claiming,
+    repro,
     run_module,
     sh,
     synthetic_images,
@@ -154,7 +161,18 @@ def folder_params(root: Path, **overrides: object) -> DataParams:
     return DataParams(**folder_config(root, **overrides))
 
 
-PREPARE = PrepareParams(val_fraction=0.25, seed=42, download_timeout_s=1, max_download_mb=1)
+PREPARE = PrepareParams(val_fraction=0.25, seed=42, download_timeout_s=1, max_download_mb=1, workers=1)
+
+
+def load_dataset(data: DataParams, params: PrepareParams, out_dir: Path | None = None):
+    """prepare into a fresh folder; the splits read back whole, and the record."""
+    out_dir = out_dir or Path(tempfile.mkdtemp()) / "prepared"
+    info = prepare(data, params, out_dir)
+    splits = {}
+    for split in SPLITS:
+        x, y = load_split(out_dir, split)
+        splits[split] = (np.asarray(x), y)
+    return splits, info
 
 
 def test_the_idx_files_as_a_folder_of_pngs_give_the_same_arrays_byte_for_byte(
@@ -241,14 +259,32 @@ def test_a_test_folder_must_have_the_training_classes(tmp_path: Path) -> None:
 
 def test_a_picture_that_changes_while_the_folder_is_read_is_refused(tmp_path: Path) -> None:
     _two_classes(tmp_path / "pics")
-    _, pictures = list_pictures(tmp_path / "pics")
+    pictures = list_pictures(tmp_path / "pics")
     before = snapshot(pictures)
-    Image.new("L", (12, 10)).save(pictures[0][0])  # rewritten between the two looks
-    with pytest.raises(WardrobeError, match=r"pics: pictures changed while being read; run prepare again"):
-        check_unchanged(tmp_path / "pics", pictures, before)
-    pictures[1][0].unlink()
-    with pytest.raises(WardrobeError, match=r"changed while being read"):
-        check_unchanged(tmp_path / "pics", pictures, before)
+    assert snapshot(list_pictures(tmp_path / "pics")) == before
+    Image.new("L", (12, 10)).save(tmp_path / "pics" / pictures.names[0])  # rewritten between the two looks
+    assert snapshot(pictures) != before
+    (tmp_path / "pics" / pictures.names[1]).unlink()
+    assert snapshot(pictures) == "changed"
+
+
+def test_any_number_of_decoding_processes_writes_the_same_bytes(tmp_path: Path) -> None:
+    """A process per core (prepare.workers 0, 2 here) or one: the same files, byte for byte, and
+    the same record, over several chunks of pictures and a separate test folder."""
+    rng = np.random.default_rng(3)
+    for root, count in (("train", 300), ("test", 60)):
+        for name in ("a", "b", "c"):
+            (tmp_path / root / name).mkdir(parents=True)
+            for i in range(count // 3):
+                Image.fromarray(rng.integers(0, 256, (12, 9, 3), dtype=np.uint8)).save(
+                    tmp_path / f"{root}/{name}/{i}.png"
+                )
+    data = folder_params(tmp_path / "train", test_root=str(tmp_path / "test"), image_size=(10, 8), channels=3)
+    one = prepare(data, PREPARE, tmp_path / "one")
+    two = prepare(data, dataclasses.replace(PREPARE, workers=2), tmp_path / "two")
+    assert one == two and one.counts == {"train": 225, "val": 75, "test": 60}
+    for name in sorted(p.name for p in (tmp_path / "one").iterdir()):
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
 
 
 # ---- RGB through the model, the augmentation and the views ------------------------------------------
@@ -312,13 +348,14 @@ def test_a_folder_of_rgb_pictures_runs_end_to_end_and_predicts_with_its_class_na
     shutil.copy(REPO / "conf/config.yaml", repo / "conf/config.yaml")
     colours = np.random.default_rng(0).integers(0, 256, (len(PETS), 32, 32, 3))
     rng = np.random.default_rng(1)
+    pictures = repo / "data/pictures/pets"
     for label, name in enumerate(PETS):
-        (tmp_path / "pets" / name).mkdir(parents=True)
+        (pictures / name).mkdir(parents=True)
         for i in range(20):
             image = np.clip(colours[label] + rng.normal(0, 30, (32, 32, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(image).save(tmp_path / f"pets/{name}/{i:02d}.png")
+            Image.fromarray(image).save(pictures / f"{name}/{i:02d}.png")
     config = folder_config(
-        tmp_path / "pets",
+        Path("data/pictures/pets"),
         name="Pets",
         description="three kinds of made-up pet pictures, 32×32 RGB",
         image_size=[32, 32],
@@ -341,7 +378,7 @@ def test_a_folder_of_rgb_pictures_runs_end_to_end_and_predicts_with_its_class_na
 
     (repo / "mine").mkdir()
     for name in PETS:
-        shutil.copy(tmp_path / f"pets/{name}/00.png", repo / f"mine/{name}.png")
+        shutil.copy(pictures / f"{name}/00.png", repo / f"mine/{name}.png")
     for runtime in ("keras", "onnx"):
         result = run_module("stages.predict", "mine", "--json", "--top-k", "3", "--runtime", runtime, cwd=repo)
         assert result.returncode == 0, result.stderr
@@ -349,43 +386,40 @@ def test_a_folder_of_rgb_pictures_runs_end_to_end_and_predicts_with_its_class_na
         assert [a["path"] for a in answers] == [f"mine/{name}.png" for name in PETS]
         assert all(sorted(entry["class"] for entry in a["top_k"]) == sorted(PETS) for a in answers)
 
+    # The folder is a DVC dependency of prepare: a picture added, changed or removed each makes
+    # `dvc status` name prepare (and only prepare: the later stages' inputs have not changed yet).
+    def stale() -> list[str]:
+        return sorted(json.loads(sh(repo, "dvc", "status", "--json").stdout))
 
-def prepared_folder_project(tmp_path: Path, idx_source: tuple[Path, dict[str, str]]) -> Path:
-    """A project whose params name a folder of two classes (tmp_path/pics), after prepare ran."""
-    _two_classes(tmp_path / "pics", per_class=10)  # enough for the committed val_fraction 0.1
-    params = committed_params(*idx_source)
-    params["data"] = folder_config(tmp_path / "pics", image_size=[10, 10])
+    assert stale() == []
+    shutil.copy(pictures / "cat/00.png", pictures / "owl/new.png")
+    assert stale() == ["prepare"]
+    (pictures / "owl/new.png").unlink()
+    assert stale() == []
+    changed, original = pictures / "dog/03.png", (pictures / "dog/03.png").read_bytes()
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(changed)
+    assert stale() == ["prepare"]
+    changed.write_bytes(original)
+    assert stale() == []
+    (pictures / "cat/05.png").unlink()
+    assert stale() == ["prepare"]
+    assert repro(repo) == ["prepare", "train", "evaluate", "export", "card"]
+    # One cat fewer: 5 of its 19 held out for test (round(4.75)), 4 of the other 14 for validation.
+    counts = json.loads((repo / "data/prepared/dataset.json").read_text())["counts"]
+    assert counts == {"train": 32, "val": 12, "test": 15}
+    assert stale() == []
+
+
+def prepared_folder_project(tmp_path: Path, idx_source: tuple[Path, dict[str, str]], per_class: int = 10) -> Path:
+    """A project whose params name a folder of two classes (data/pictures/pics), after prepare ran."""
     project = tmp_path / "project"
-    project.mkdir()
+    _two_classes(project / "data/pictures/pics", per_class=per_class)  # enough for the committed val_fraction 0.1
+    params = committed_params(*idx_source)
+    params["data"] = folder_config(Path("data/pictures/pics"), image_size=[10, 10])
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     result = run_module("stages.prepare", cwd=project)
     assert result.returncode == 0, result.stderr
     return project
-
-
-@pytest.mark.pipeline
-def test_validate_sees_pictures_changed_since_prepare(
-    tmp_path: Path, idx_source: tuple[Path, dict[str, str]], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The folder is a path in the params, not a DVC dependency, so `dvc status` cannot see new
-    pictures; validate (and so CI) compares the folder with prepare's recorded content hash."""
-    from stages.common import read_dataset
-    from stages.params import load_params
-    from stages.validate import folder_fresh
-
-    def folder_fresh_now() -> list[str]:
-        return folder_fresh(load_params().data, read_dataset(Path("data/prepared")))
-
-    project = prepared_folder_project(tmp_path, idx_source)
-    monkeypatch.chdir(project)  # validate reads params.yaml and data/prepared where it runs
-    assert folder_fresh_now() == []
-    Image.new("L", (10, 10), 7).save(tmp_path / "pics/a/new.png")
-    assert folder_fresh_now() == [
-        f"data/prepared: prepared from other pictures than {tmp_path / 'pics'} holds now; "
-        "run `dvc repro --force prepare` (or `dvc exp run --force`)"
-    ]
-    (tmp_path / "pics/a/new.png").unlink()
-    assert folder_fresh_now() == []
 
 
 @pytest.mark.pipeline
@@ -396,9 +430,85 @@ def test_a_bad_picture_stops_prepare_in_one_line_and_keeps_the_prepared_data(
     the previously prepared arrays stay exactly as they were (no temp folder left)."""
     project = prepared_folder_project(tmp_path, idx_source)
     before = {p.name: p.read_bytes() for p in (project / "data/prepared").iterdir()}
-    (tmp_path / "pics/b/2.png").write_bytes((tmp_path / "pics/b/2.png").read_bytes()[:40])
+    bad = project / "data/pictures/pics/b/2.png"
+    bad.write_bytes(bad.read_bytes()[:40])
     result = run_module("stages.prepare", cwd=project)
     assert result.returncode == 1
-    assert result.stderr.startswith(f"error: {tmp_path / 'pics/b/2.png'}: ") and result.stderr.count("\n") == 1
+    assert result.stderr.startswith("error: data/pictures/pics/b/2.png: ") and result.stderr.count("\n") == 1
     assert {p.name: p.read_bytes() for p in (project / "data/prepared").iterdir()} == before
-    assert [p.name for p in (project / "data").iterdir()] == ["prepared"]
+    assert sorted(p.name for p in (project / "data").iterdir()) == ["pictures", "prepared"]
+
+
+@pytest.mark.pipeline
+def test_a_killed_prepare_keeps_the_prepared_data_and_the_next_run_cleans_up(
+    tmp_path: Path, idx_source: tuple[Path, dict[str, str]]
+) -> None:
+    """prepare killed mid-folder (SIGKILL: no handler runs) leaves the previous arrays exactly as
+    they were; its half-written temp folder is removed by the next run, which succeeds."""
+    project = prepared_folder_project(tmp_path, idx_source, per_class=1500)
+    before = {p.name: p.read_bytes() for p in (project / "data/prepared").iterdir()}
+    Image.new("L", (10, 10), 99).save(project / "data/pictures/pics/a/new.png")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "stages.prepare"], cwd=project, env=module_env(), stderr=subprocess.PIPE, text=True
+    )
+    assert process.stderr is not None
+    assert "pictures" in process.stderr.readline()  # the first progress line: it is writing now
+    process.kill()
+    process.wait()
+    assert {p.name: p.read_bytes() for p in (project / "data/prepared").iterdir()} == before
+    assert [p.name for p in (project / "data").iterdir() if p.name.endswith(".tmp")] != []  # the killed run's
+    result = run_module("stages.prepare", cwd=project)
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in (project / "data").iterdir()) == ["pictures", "prepared"]
+    assert {p.name: p.read_bytes() for p in (project / "data/prepared").iterdir()} != before
+
+
+@pytest.mark.pipeline
+def test_a_folder_outside_data_pictures_is_refused_by_name(
+    tmp_path: Path, idx_source: tuple[Path, dict[str, str]]
+) -> None:
+    """DVC tracks data/pictures/ for prepare: a folder elsewhere would not be tracked, so prepare
+    refuses it in one line naming the key, before reading anything."""
+    _two_classes(tmp_path / "elsewhere")
+    params = committed_params(*idx_source)
+    params["data"] = folder_config(tmp_path / "elsewhere", image_size=[10, 10])
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    result = run_module("stages.prepare", cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr == (
+        f"error: params.yaml: data.root: {tmp_path / 'elsewhere'} is not below data/pictures/, the folder DVC "
+        "tracks for prepare; move or `dvc add` the pictures into data/pictures/NAME and set root: data/pictures/NAME\n"
+    )
+    assert not (tmp_path / "data/prepared").exists()
+
+
+def _peak_rss_mb(module: str, cwd: Path) -> float:
+    """Run `python -m module` in `cwd` as DVC would; its peak resident set (wait4's ru_maxrss)."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", module], cwd=cwd, env=module_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    _, status, usage = os.wait4(process.pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, process.stderr.read() if process.stderr else ""
+    return usage.ru_maxrss / 1024
+
+
+@pytest.mark.pipeline
+def test_prepare_and_train_memory_does_not_grow_with_the_folder(
+    tmp_path: Path, idx_source: tuple[Path, dict[str, str]]
+) -> None:
+    """N and 4N pictures of 64×64 RGB (4N: 118 MB of float32 arrays, 236 MB as the old in-memory
+    split plus its TensorFlow copy): prepare's and train's peak RSS stay within 10 % of N's."""
+    rng = np.random.default_rng(0)
+    peaks = {}
+    for count in (600, 2400):
+        project = tmp_path / str(count)
+        for i in range(count):
+            folder = project / "data/pictures/pics" / "abc"[i % 3]
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(folder / f"{i:05d}.png")
+        params = committed_params(*idx_source, *TINY, "train.batch_size=64")
+        params["data"] = folder_config(Path("data/pictures/pics"), image_size=[64, 64], channels=3)
+        (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        peaks[count] = {stage: _peak_rss_mb(f"stages.{stage}", project) for stage in ("prepare", "train")}
+    for stage in ("prepare", "train"):
+        assert peaks[2400][stage] <= 1.1 * peaks[600][stage], (stage, peaks)

@@ -11,14 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stages.common import WardrobeError, load_split
+from stages.common import ImageFile, WardrobeError, load_split
 from stages.params import DataParams, PrepareParams, parse_params
 from stages.prepare import (
     check_pair,
     decompress,
     download,
     fetch_verified,
-    load_dataset,
+    load_idx,
     normalize,
     parse_idx,
     stratified_split,
@@ -163,6 +163,7 @@ def test_prepare_main_writes_split_arrays(tmp_path: Path, params_dict: dict) -> 
     x_train, y_train = load_split(prepared, "train")
     x_val, y_val = load_split(prepared, "val")
     x_test, _ = load_split(prepared, "test")
+    x_train = np.asarray(x_train)  # read whole (the stages read it in batches)
     assert x_train.shape == (90, 28, 28) and x_val.shape == (30, 28, 28)
     assert x_test.shape == (10 * TEST_PER_CLASS, 28, 28)
     assert y_train.dtype == np.uint8 and x_test.dtype == np.float32
@@ -186,6 +187,46 @@ def test_prepare_failure_keeps_previous_output(tmp_path: Path, params_dict: dict
     assert [p.name for p in (tmp_path / "data").iterdir()] == ["prepared"]  # no temp dirs left
 
 
+def test_a_prepared_split_is_read_as_indexed_without_holding_it(tmp_path: Path) -> None:
+    """ImageFile reads exactly the rows asked for (a slice, any order of indices, one image),
+    the same values as the array np.save wrote; a truncated file is refused naming it."""
+    array = np.random.default_rng(0).random((50, 6, 5, 3), dtype=np.float32)
+    np.save(tmp_path / "x.npy", array)
+    images = ImageFile(tmp_path / "x.npy")
+    assert len(images) == 50 and images.shape == (50, 6, 5, 3)
+    np.testing.assert_array_equal(images[10:23], array[10:23])
+    order = np.array([7, 8, 9, 3, 49, 0, 1, 2, 2])  # runs, a repeat, backwards
+    np.testing.assert_array_equal(images[order], array[order])
+    np.testing.assert_array_equal(images[-1], array[-1])
+    np.testing.assert_array_equal(np.asarray(images), array)
+    assert images[5:5].shape == (0, 6, 5, 3)
+    with pytest.raises(IndexError):
+        images[np.array([50])]
+    (tmp_path / "cut.npy").write_bytes((tmp_path / "x.npy").read_bytes()[:-4])
+    with pytest.raises(WardrobeError, match=r"cut\.npy: .* bytes, but \(50, 6, 5, 3\) float32 needs"):
+        ImageFile(tmp_path / "cut.npy")
+
+
+def test_streamed_batches_are_the_in_memory_batches(tmp_path: Path) -> None:
+    """train's input read from the file on disk gives the same batches, in the same order, as
+    from the array in memory, with shuffling and augmentation, epoch after epoch."""
+    from stages.train import make_dataset
+
+    x = np.random.default_rng(1).random((70, 8, 8), dtype=np.float32)
+    y = np.arange(70, dtype=np.uint8) % 10
+    np.save(tmp_path / "x.npy", x)
+
+    def epochs(images: object) -> list[np.ndarray]:
+        dataset = make_dataset(images, y, 16, shuffle_seed=3, one_hot=10, flip=True, shift=1)
+        return [array for _ in range(2) for batch in dataset.as_numpy_iterator() for array in batch]
+
+    in_memory, streamed = epochs(x), epochs(ImageFile(tmp_path / "x.npy"))
+    assert len(in_memory) == len(streamed) == 2 * 2 * 5  # 2 epochs × 5 batches × (images, labels)
+    for want, got in zip(in_memory, streamed, strict=True):
+        assert want.tobytes() == got.tobytes()
+    assert in_memory[0].tobytes() != in_memory[10].tobytes()  # the second epoch is shuffled anew
+
+
 def test_download_from_a_mirror_gives_the_same_arrays_as_a_local_directory(
     params_dict: dict, idx_source: tuple[Path, dict[str, str]]
 ) -> None:
@@ -205,13 +246,12 @@ def test_download_from_a_mirror_gives_the_same_arrays_as_a_local_directory(
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}/"
-        downloaded, _ = load_dataset(*_params(params_dict, [url]))
+        downloaded = load_idx(*_params(params_dict, [url]))
     finally:
         server.shutdown()
         server.server_close()
-    local, _ = load_dataset(*_params(params_dict, [str(directory)]))
+    local = load_idx(*_params(params_dict, [str(directory)]))
     assert sorted(requested) == sorted(f"/{name}.gz" for name in IDX_FILES)
-    assert downloaded.keys() == local.keys()
-    for split, arrays in local.items():
-        for got, want in zip(downloaded[split], arrays, strict=True):
-            np.testing.assert_array_equal(got, want, err_msg=split)
+    for got_set, want_set in zip(downloaded, local, strict=True):
+        for got, want in zip(got_set, want_set, strict=True):
+            np.testing.assert_array_equal(got, want)

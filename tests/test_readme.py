@@ -450,7 +450,7 @@ def readme_yaml(markdown: str, first_line: str) -> dict:
 
 
 def _own_images_run(clone: Clone, command: Command) -> None:
-    """The user's pictures (my-pictures/CLASS/*.png, 32×32 RGB, made here) and the README's
+    """The user's pictures (data/pictures/pets/CLASS/*.png, 32×32 RGB, made here) and the README's
     conf/data/pets.yaml, written as shown; then the command trains on them."""
     config = readme_yaml((REPO / "README.md").read_text(encoding="utf-8"), "# conf/data/pets.yaml")
     (clone.path / "conf/data/pets.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
@@ -474,7 +474,7 @@ def _own_images_predict(clone: Clone, command: Command) -> None:
         result = clone.run(Command(command.section, command.text + runtime))
         _ok(result)
         lines = result.stdout.splitlines()
-        assert len(lines) == 20 and all(line.startswith("my-pictures/owl/") for line in lines), lines
+        assert len(lines) == 20 and all(line.startswith("data/pictures/pets/owl/") for line in lines), lines
         for line in lines:
             classes = re.findall(r"(\w+) \(\d\.\d{3}\)", line.partition(": ")[2])
             assert len(classes) == 2 and set(classes) <= set(PETS), line
@@ -509,7 +509,7 @@ CHECKS: dict[str, Callable[[Clone, Command], None]] = {
     f"dvc artifacts get {GITHUB_URL} fashion-classifier --rev v1.0.0": _artifact_get("v1.0.0"),
     f"dvc artifacts get {GITHUB_URL} fashion-classifier-onnx": _artifact_get("latest", ONNX_PATH),
     "dvc exp run -S data=pets": _own_images_run,
-    "wardrobe-predict my-pictures/owl --top-k 2": _own_images_predict,
+    "wardrobe-predict data/pictures/pets/owl --top-k 2": _own_images_predict,
     "wardrobe-predict boot.png photo.jpg three.npy --top-k 2": _as_shown,
     "python -m stages.predict shirt.png --json --top-k 3": _as_shown,
     "wardrobe-predict boot.png --runtime onnx": _as_shown,

@@ -38,16 +38,26 @@ class Row:
     detail: str
 
 
+GNU_TIME = Path("/usr/bin/time")
+
+
 def timed(args: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, float, str]:
-    """Run a command; return wall seconds, peak RSS in MB, combined output. Fails loudly."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    output = proc.stdout.read() if proc.stdout else ""
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"bench: {' '.join(args)} failed:\n{output[-3000:]}")
-    return wall, usage.ru_maxrss / 1024, output
+    """Run a command; return wall seconds, peak RSS in MB, combined output. Fails loudly.
+
+    The peak RSS is GNU time's (`%M`, Debian package `time`) for the command it starts: a child
+    forked straight from this Python process would report at least this process' own RSS (Linux
+    counts the memory a child had before exec in its ru_maxrss), which would hide a small stage's."""
+    with tempfile.NamedTemporaryFile("r") as rss_file:
+        wrapped = [str(GNU_TIME), "-f", "%M", "-o", rss_file.name, *args] if GNU_TIME.exists() else args
+        start = time.perf_counter()
+        proc = subprocess.Popen(wrapped, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        output = proc.stdout.read() if proc.stdout else ""
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise SystemExit(f"bench: {' '.join(args)} failed:\n{output[-3000:]}")
+        kilobytes = int(rss_file.read().split()[-1]) if GNU_TIME.exists() else usage.ru_maxrss
+    return wall, kilobytes / 1024, output
 
 
 def run_original(env: dict[str, str], work: Path) -> Row:

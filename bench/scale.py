@@ -110,6 +110,11 @@ def run_size(count: int, work: Path, env: dict[str, str], fashion: tuple) -> dic
         project, ["data=scale", "train.epochs=1"], {"data/scale.yaml": yaml.safe_dump(CONF, sort_keys=False)}
     )
     params = yaml.safe_load(params_text)
+    # A first commit (DVCLive, in train, reads the git revision); the pictures stay untracked.
+    identity = {"GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "bench@localhost"}
+    identity |= {"GIT_COMMITTER_NAME": "bench", "GIT_COMMITTER_EMAIL": "bench@localhost"}
+    for args in (["git", "add", "-A"], ["git", "commit", "-qm", "project"]):
+        timed(args, project, {**env, **identity})
     started = time.perf_counter()
     megabytes = make_folder(project / CONF["root"], count, fashion)
     print(f"  {count:,} pictures written ({megabytes:.0f} MB) in {time.perf_counter() - started:.0f} s", flush=True)

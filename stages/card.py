@@ -50,6 +50,8 @@ from stages.params import PARAMS_FILE, DataParams, PrepareParams, TrainParams, l
 ARTIFACT = "fashion-classifier"
 TEMPLATE = Path(__file__).with_name("card.md")  # str.format fields: render's `fields`
 TOP_CONFUSIONS = 5
+# A class whose predictions' mean top probability and precision differ by more is named in the card.
+CLASS_CALIBRATION_GAP = 0.02
 
 
 @dataclass(frozen=True)
@@ -159,8 +161,30 @@ def render(run: Run) -> str:
     weakest = ", ".join(
         f"{row['class']} (F1 {row['f1']:.3f})" for _, row in run.per_class.nsmallest(3, "f1").iterrows()
     )
+    temperature_text = (
+        f"Every format divides the views' averaged log-probabilities by a temperature of **{record.temperature:g}**, "
+        f"fitted on the {sizes['val']:,} validation images after training (`train.calibrate`);"
+        if record.temperature != 1.0
+        else "The probabilities are the views' mean, with no temperature (`train.calibrate` is off);"
+    )
+    gaps = [
+        f"{row['class']} (mean top probability {row['confidence']:.3f}, right {row['precision']:.3f})"
+        for _, row in run.per_class.iterrows()
+        if abs(row["confidence"] - row["precision"]) > CLASS_CALIBRATION_GAP
+    ]
+    class_calibration = (
+        f"Where a class's predictions are off by more than {CLASS_CALIBRATION_GAP:.2f} on average: {', '.join(gaps)}."
+        if gaps
+        else "Every class's predictions are right as often as their mean probability says, within "
+        f"{CLASS_CALIBRATION_GAP:.2f}."
+    )
     fields = {
         "artifact": ARTIFACT,
+        "temperature_text": temperature_text,
+        "class_calibration": class_calibration,
+        "threshold": record.accept_threshold,
+        "accept_fraction": run.train.accept_fraction,
+        "ood_passed": 1 - run.metrics["ood_rejected"],
         "arch": run.train.arch,
         "dataset": run.dataset.name,
         "description": run.data.description,

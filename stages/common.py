@@ -58,6 +58,9 @@ def shape_text(shape: tuple[int, ...]) -> str:
 
 
 DATASET_FILE = "dataset.json"  # beside the prepared arrays: prepare's record of what it made
+# beside them: where each prepared image came from (a picture's path, or IDX file#index), by split and row
+ORIGINS_FILE = "origins.csv"
+ORIGINS_COLUMNS = ("split", "row", "origin")
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ import pandas as pd
 # The Figure API, not pyplot: no backend to choose (pyplot's would be process-wide state), files only.
 from matplotlib.figure import Figure
 
+from stages.calibration import calibrate, scrambled
 from stages.common import (
     atomic_path,
     load_split,
@@ -19,6 +20,7 @@ from stages.common import (
 )
 from stages.modelfile import load_keras_classifier
 from stages.outputs import (
+    CALIBRATION_CSV,
     CONFUSION_CSV,
     CONFUSION_PNG,
     CSV_COLUMNS,
@@ -30,10 +32,11 @@ from stages.outputs import (
     PER_CLASS_CSV,
     PREDICTIONS_PNG,
     PREPARED_DIR,
+    RELIABILITY_PNG,
     Predictions,
     compute_metrics,
     confusion_matrix,
-    per_class_scores,
+    reliability_rows,
 )
 from stages.params import EvaluateParams, load_section
 
@@ -117,26 +120,59 @@ def plot_predictions(
     _save_figure(fig, path)
 
 
+# evaluate's out-of-distribution set: the first test images, each with its pixels scrambled.
+OOD_IMAGES = 2000
+
+
+def plot_reliability(rows: pd.DataFrame, path: Path) -> None:
+    """The reliability diagram: test accuracy against the top probability, per bin, with and
+    without the temperature; a calibrated model follows the diagonal."""
+    fig = Figure(figsize=(5.5, 5))
+    ax = fig.subplots()
+    ax.plot([0, 1], [0, 1], color="gray", linestyle="--", label="perfectly calibrated")
+    ax.plot(rows["confidence"], rows["accuracy_uncalibrated"], marker="o", label="before (views' mean)")
+    ax.plot(rows["confidence"], rows["accuracy"], marker="o", label="calibrated (what every format serves)")
+    ax.set(xlabel="top probability (bin centre)", ylabel="test accuracy", title="Reliability diagram", xlim=(0, 1))
+    ax.set(ylim=(0, 1))
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    _save_figure(fig, path)
+
+
 def main() -> None:
     params = load_section(EvaluateParams)
     classifier = load_keras_classifier(MODEL_PATH)
+    record = classifier.record
     x_test, y_test = load_split(PREPARED_DIR, "test")
     x_val, y_val = load_split(PREPARED_DIR, "val")
-    test_probs = classifier.predict_proba(x_test, params.batch_size)
-    val_probs = classifier.predict_proba(x_val, params.batch_size)
+    test_raw = classifier.predict_uncalibrated(x_test, params.batch_size)
+    test_probs = calibrate(test_raw, record.temperature)
+    val_probs = calibrate(classifier.predict_uncalibrated(x_val, params.batch_size), record.temperature)
+    ood_probs = classifier.predict_proba(scrambled(x_test[:OOD_IMAGES]), params.batch_size)
     y_pred = test_probs.argmax(axis=1)
     history = read_csv(HISTORY_CSV)
 
-    names = classifier.record.class_names
-    metrics = compute_metrics(Predictions(test_probs, y_test, val_probs, y_val, names))
+    names = record.class_names
+    predictions = Predictions(
+        test_probs, y_test, val_probs, y_val, names, test_raw, record.temperature, record.accept_threshold, ood_probs
+    )
+    metrics = compute_metrics(predictions)
     cm = confusion_matrix(y_test, y_pred, len(names))
     write_csv(confusion_rows(y_test, y_pred, names), CONFUSION_CSV)
-    write_csv(per_class_scores(cm, names), PER_CLASS_CSV)
+    write_csv(predictions.per_class(), PER_CLASS_CSV)
+    rows = reliability_rows(predictions)
+    write_csv(rows, CALIBRATION_CSV)
     plot_training_curves(history, CURVES_PNG)
     plot_confusion_matrix(cm, names, CONFUSION_PNG)
-    plot_predictions(x_test, y_test, y_pred, names, params.example_grid, PREDICTIONS_PNG)
+    plot_predictions(x_test[: params.example_grid**2], y_test, y_pred, names, params.example_grid, PREDICTIONS_PNG)
+    plot_reliability(rows, RELIABILITY_PNG)
     write_json_atomic(METRICS_PATH, metrics)  # last: its presence means the rest is complete
-    print(f"evaluate: test accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}")
+    print(
+        f"evaluate: test accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}, "
+        f"ECE {metrics['ece_uncalibrated']:.4f} → {metrics['ece']:.4f} (temperature {record.temperature:g}); "
+        f"flag: {metrics['accepted']:.1%} of test images pass, {metrics['ood_rejected']:.1%} of scrambled ones flagged"
+    )
 
 
 if __name__ == "__main__":

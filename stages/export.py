@@ -23,6 +23,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from stages.calibration import TINY
 from stages.common import WardrobeError, atomic_dir, atomic_path, load_split, run_main
 from stages.layers import TestTimeViews
 from stages.modelfile import (
@@ -61,13 +62,17 @@ def graph_batch(views: int) -> int:
 
 
 def serving_model(classifier: KerasClassifier) -> keras.Model:
-    """One graph: the views, the trained model on all of them at once, their mean probabilities."""
+    """One graph: the views, the trained model on all of them at once, their mean probabilities,
+    calibrated by the temperature the model file records (calibration.calibrate, in graph ops)."""
     views = classifier.views.offsets()
     shape, classes = classifier.record.image_shape, len(classifier.record.class_names)
     images = keras.Input(shape, name=SERVING_INPUT, dtype="float32")
     stacked = TestTimeViews(views)(images)
     probs = classifier.model(keras.ops.reshape(stacked, (-1, *shape)), training=False)
     mean = keras.ops.mean(keras.ops.reshape(probs, (len(views), -1, classes)), axis=0)
+    if classifier.record.temperature != 1.0:
+        log_p = keras.ops.log(keras.ops.maximum(mean, TINY)) / classifier.record.temperature
+        mean = keras.ops.softmax(log_p, axis=-1)
     return keras.Model(images, {SERVING_OUTPUT: mean}, name="serving")
 
 

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from stages.calibration import calibrate
 from stages.common import DatasetInfo, ImageFile, WardrobeError, complete_text, image_chunks, shape_text
 
 # The record in the model file's metadata.json (save_model writes it) and in the ONNX graph's
@@ -31,6 +32,8 @@ PHOTO_FIT_KEY = "wardrobe_photo_fit"
 DATASET_KEY = "wardrobe_dataset"
 SHAPE_KEY = "wardrobe_image_shape"
 EXPORTED_FROM_KEY = "wardrobe_exported_from"  # ONNX only: the SHA-256 of the model file it came from
+TEMPERATURE_KEY = "wardrobe_temperature"  # temperature scaling of the averaged probabilities (1: none)
+ACCEPT_KEY = "wardrobe_accept_threshold"  # a top probability below it: unlike the training data
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,11 @@ class ModelRecord:
     image_shape: tuple[int, ...]  # height, width; then 3 for RGB
     photo_fit: str  # how wardrobe-predict fits a photo to the training images (conf/data: photo_fit)
     dataset: str
+    # train fits both on the validation split (stages/calibration.py): every reader of the file
+    # applies the temperature to the averaged probabilities, and flags a picture whose top
+    # (calibrated) probability is below the threshold. A file from before they existed: 1 and 0.
+    temperature: float = 1.0
+    accept_threshold: float = 0.0
 
     def metadata(self) -> dict[str, Any]:
         return {
@@ -77,7 +85,13 @@ class ModelRecord:
             SHAPE_KEY: list(self.image_shape),
             PHOTO_FIT_KEY: self.photo_fit,
             DATASET_KEY: self.dataset,
+            TEMPERATURE_KEY: self.temperature,
+            ACCEPT_KEY: self.accept_threshold,
         }
+
+    def unlike_training(self, probs: np.ndarray) -> np.ndarray:
+        """Per image: is its top probability below the acceptance threshold?"""
+        return probs.max(axis=1) < self.accept_threshold
 
 
 def parse_record(metadata: dict[str, Any], where: Path) -> ModelRecord:
@@ -97,12 +111,19 @@ def parse_record(metadata: dict[str, Any], where: Path) -> ModelRecord:
             f"{where}: the model file records no class names, image shape or views "
             "(saved by an older wardrobe); retrain it with `dvc repro train`"
         )
+    temperature, threshold = metadata.get(TEMPERATURE_KEY, 1.0), metadata.get(ACCEPT_KEY, 0.0)
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in (temperature, threshold)) or not (
+        temperature > 0 and 0 <= threshold <= 1
+    ):
+        raise WardrobeError(f"{where}: the model file records a temperature {temperature!r} or threshold {threshold!r}")
     return ModelRecord(
         Views(flip, int(metadata.get(SHIFT_KEY, 0))),
         tuple(classes),
         tuple(shape),
         str(metadata.get(PHOTO_FIT_KEY, "resize")),
         str(metadata.get(DATASET_KEY, "")),
+        float(temperature),
+        float(threshold),
     )
 
 
@@ -118,14 +139,19 @@ def read_record(path: Path) -> ModelRecord:
     return parse_record(metadata, path)
 
 
-def save_model(model: Any, path: Path, views: Views, dataset: DatasetInfo) -> None:
+def save_model(
+    model: Any, path: Path, views: Views, dataset: DatasetInfo, temperature: float = 1.0, accept_threshold: float = 0.0
+) -> None:
     """model.save, minus what makes equal models differ in bytes, so DVC's hash of it is stable,
-    plus the record every reader of the file needs (read_record): views, class names, photo fit.
+    plus the record every reader of the file needs (read_record): views, class names, photo fit,
+    the calibration temperature and the acceptance threshold.
 
     Keras writes the save time into metadata.json, numbers shared objects in config.json by
     their memory address, and dates zip entries with the clock; the weights are already exact.
     """
-    record = ModelRecord(views, dataset.class_names, dataset.image_shape, dataset.photo_fit, dataset.name)
+    record = ModelRecord(
+        views, dataset.class_names, dataset.image_shape, dataset.photo_fit, dataset.name, temperature, accept_threshold
+    )
     model.save(path)
     with zipfile.ZipFile(path) as archive:
         entries = [(info, archive.read(info)) for info in archive.infolist()]
@@ -220,6 +246,11 @@ class KerasClassifier:
         return self.record.views
 
     def predict_proba(self, x: ImageFile | np.ndarray, batch_size: int) -> np.ndarray:
+        """The calibrated probabilities (what the exported graphs compute)."""
+        return calibrate(self.predict_uncalibrated(x, batch_size), self.record.temperature)
+
+    def predict_uncalibrated(self, x: ImageFile | np.ndarray, batch_size: int) -> np.ndarray:
+        """The views' mean probabilities, before the temperature (evaluate reports both)."""
         return predict_proba(self.model, x, batch_size, self.record.views)
 
 
@@ -230,8 +261,8 @@ def load_keras_classifier(path: Path) -> KerasClassifier:
 
 @dataclass(frozen=True)
 class OnnxClassifier:
-    """The exported ONNX graph: the views are inside it and the record in its metadata, so this
-    is the whole model."""
+    """The exported ONNX graph: the views and the temperature are inside it and the record in its
+    metadata, so this is the whole model."""
 
     session: Any  # onnxruntime.InferenceSession
     record: ModelRecord

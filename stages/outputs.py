@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from stages.calibration import ECE_BINS, TEMPERATURE_RANGE, auroc, brier, ece, reliability
+
 if TYPE_CHECKING:  # imported where used: predict's TensorFlow-free install has no pandas
     import pandas as pd
 
@@ -36,6 +38,10 @@ PER_CLASS_CSV = Path("plots/per_class.csv")
 CURVES_PNG = Path("plots/training_curves.png")
 CONFUSION_PNG = Path("plots/confusion_matrix.png")
 PREDICTIONS_PNG = Path("plots/predictions.png")
+# evaluate's reliability diagram: per bin of the top probability, the test accuracy with and
+# without the model file's temperature (README "Probabilities you can trust").
+CALIBRATION_CSV = Path("plots/calibration.csv")
+RELIABILITY_PNG = Path("plots/reliability.png")
 # export: the model in serving formats, test-time augmentation inside (README "Serving the model").
 SAVED_MODEL_DIR = Path("data/export/saved_model")  # TF Serving's model base path: version 1/ inside
 ONNX_PATH = Path("data/export/model.onnx")
@@ -69,11 +75,20 @@ ENVIRONMENT_KEYS = (
 STAGE_OUTPUTS: dict[str, tuple[Path, ...]] = {
     "prepare": (PREPARED_DIR,),
     "train": (MODEL_PATH, HISTORY_CSV, ENVIRONMENT_JSON, LIVE_DIR),
-    "evaluate": (METRICS_PATH, CONFUSION_CSV, PER_CLASS_CSV, CURVES_PNG, CONFUSION_PNG, PREDICTIONS_PNG),
+    "evaluate": (
+        METRICS_PATH,
+        CONFUSION_CSV,
+        PER_CLASS_CSV,
+        CALIBRATION_CSV,
+        CURVES_PNG,
+        CONFUSION_PNG,
+        PREDICTIONS_PNG,
+        RELIABILITY_PNG,
+    ),
     "export": (SAVED_MODEL_DIR, ONNX_PATH, EXPORT_JSON),
     "card": (MODEL_CARD,),
 }
-PNGS = (CURVES_PNG, CONFUSION_PNG, PREDICTIONS_PNG)
+PNGS = (CURVES_PNG, CONFUSION_PNG, PREDICTIONS_PNG, RELIABILITY_PNG)
 
 # Keras' CSVLogger writes `epoch` then the logs in sorted order: the compiled loss and accuracy,
 # for the training and the validation data.
@@ -82,25 +97,36 @@ CLASS_SCORES = ("precision", "recall", "f1")
 CSV_COLUMNS: dict[Path, tuple[str, ...]] = {
     HISTORY_CSV: HISTORY_COLUMNS,
     CONFUSION_CSV: ("actual", "predicted"),  # one row per test image, for DVC's confusion template
-    PER_CLASS_CSV: ("class", *CLASS_SCORES, "support"),
+    # confidence: the mean (calibrated) top probability of the test images predicted as the class,
+    # beside its precision (the share of them that were right): calibration class by class.
+    PER_CLASS_CSV: ("class", *CLASS_SCORES, "confidence", "support"),
+    # per bin of the top probability: its centre, the test accuracy there with and without the
+    # temperature, the diagonal a perfectly calibrated model follows, and the images in the bin.
+    CALIBRATION_CSV: ("confidence", "accuracy", "accuracy_uncalibrated", "perfect", "images", "images_uncalibrated"),
 }
 DIGITS = 6  # metrics and CSV floats are rounded to this many decimals
 
 
 @dataclass(frozen=True)
 class Predictions:
-    """What the metrics are computed from: class probabilities and true labels of both splits,
-    and the names of the classes (the probabilities' columns)."""
+    """What the metrics are computed from: the (calibrated) class probabilities and true labels of
+    both splits, the names of the classes (the probabilities' columns), the test probabilities
+    before the temperature, the model file's temperature and acceptance threshold, and the
+    calibrated probabilities of the out-of-distribution set (calibration.scrambled test images)."""
 
     test_probs: np.ndarray
     y_test: np.ndarray
     val_probs: np.ndarray
     y_val: np.ndarray
     class_names: tuple[str, ...]
+    test_uncalibrated: np.ndarray
+    temperature: float
+    accept_threshold: float
+    ood_probs: np.ndarray
 
     def per_class(self) -> pd.DataFrame:
         cm = confusion_matrix(self.y_test, self.test_probs.argmax(axis=1), len(self.class_names))
-        return per_class_scores(cm, self.class_names)
+        return per_class_scores(cm, self.class_names, predicted_confidence(self.test_probs, len(self.class_names)))
 
 
 @dataclass(frozen=True)
@@ -122,13 +148,29 @@ def cross_entropy(probs: np.ndarray, y_true: np.ndarray) -> float:
     return float(-np.mean(np.log(picked)))
 
 
+def accepted(probs: np.ndarray, threshold: float) -> float:
+    """The share of images whose top probability reaches the acceptance threshold."""
+    return float(np.mean(probs.max(axis=1) >= threshold)) if len(probs) else 0.0
+
+
 # In this order in metrics.json, so in `dvc exp show`'s first metric columns (evaluate's metrics
 # come first there: train's environment and live log are dvc.yaml's top-level metrics, listed last).
+# loss is the test NLL of the probabilities every format serves (calibrated); ece and
+# ece_uncalibrated the expected calibration error with and without the temperature; accepted the
+# share of test images the "unlike the training data" flag lets through, ood_rejected the share of
+# the out-of-distribution set it flags, ood_auroc how well the top probability separates the two.
 HEADLINE_METRICS: dict[str, Metric] = {
     "accuracy": Metric(lambda p: accuracy(p.test_probs, p.y_test)),
     "macro_f1": Metric(lambda p: float(p.per_class()["f1"].mean())),
     "val_accuracy": Metric(lambda p: accuracy(p.val_probs, p.y_val)),
     "loss": Metric(lambda p: cross_entropy(p.test_probs, p.y_test), high=math.inf),
+    "ece": Metric(lambda p: ece(p.test_probs, p.y_test)),
+    "ece_uncalibrated": Metric(lambda p: ece(p.test_uncalibrated, p.y_test)),
+    "brier": Metric(lambda p: brier(p.test_probs, p.y_test), high=2.0),
+    "temperature": Metric(lambda p: p.temperature, low=TEMPERATURE_RANGE[0], high=TEMPERATURE_RANGE[1]),
+    "accepted": Metric(lambda p: accepted(p.test_probs, p.accept_threshold)),
+    "ood_rejected": Metric(lambda p: 1 - accepted(p.ood_probs, p.accept_threshold)),
+    "ood_auroc": Metric(lambda p: auroc(p.test_probs.max(axis=1), p.ood_probs.max(axis=1))),
 }
 
 
@@ -138,8 +180,17 @@ def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, classes: int) -> np
     return np.bincount(pairs, minlength=classes**2).reshape(classes, classes)
 
 
-def per_class_scores(cm: np.ndarray, class_names: tuple[str, ...]) -> pd.DataFrame:
-    """Precision, recall, F1 and support per class; 0 where a class is never predicted/present."""
+def predicted_confidence(probs: np.ndarray, classes: int) -> np.ndarray:
+    """Per class: the mean top probability of the images predicted as it (0 where none is)."""
+    predicted = probs.argmax(axis=1)
+    count = np.bincount(predicted, minlength=classes)
+    total = np.bincount(predicted, weights=probs.max(axis=1).astype(np.float64), minlength=classes)
+    return np.divide(total, count, out=np.zeros(classes), where=count > 0)
+
+
+def per_class_scores(cm: np.ndarray, class_names: tuple[str, ...], confidence: np.ndarray) -> pd.DataFrame:
+    """Precision, recall, F1, mean confidence of the predictions (predicted_confidence) and
+    support per class; 0 where a class is never predicted/present."""
     true_pos = np.diag(cm).astype(np.float64)
     predicted, support = cm.sum(axis=0), cm.sum(axis=1)
     precision = np.divide(true_pos, predicted, out=np.zeros_like(true_pos), where=predicted > 0)
@@ -148,7 +199,16 @@ def per_class_scores(cm: np.ndarray, class_names: tuple[str, ...]) -> pd.DataFra
     f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(true_pos), where=denom > 0)
     import pandas as pd
 
-    frame = pd.DataFrame({"class": class_names, "precision": precision, "recall": recall, "f1": f1, "support": support})
+    frame = pd.DataFrame(
+        {
+            "class": class_names,
+            "precision": precision,
+            "recall": recall,
+            "f1": f1,
+            "confidence": confidence,
+            "support": support,
+        }
+    )
     return frame[list(CSV_COLUMNS[PER_CLASS_CSV])]
 
 
@@ -166,3 +226,23 @@ def compute_metrics(predictions: Predictions) -> dict:
     }
     headline = {name: round(metric.compute(predictions), DIGITS) for name, metric in HEADLINE_METRICS.items()}
     return {**headline, "per_class": per_class}
+
+
+def reliability_rows(predictions: Predictions) -> pd.DataFrame:
+    """plots/calibration.csv: one row per bin of the top probability (calibration.reliability)."""
+    import pandas as pd
+
+    count, _, accuracy_after = reliability(predictions.test_probs, predictions.y_test)
+    count_before, _, accuracy_before = reliability(predictions.test_uncalibrated, predictions.y_test)
+    centres = (np.arange(ECE_BINS) + 0.5) / ECE_BINS
+    frame = pd.DataFrame(
+        {
+            "confidence": centres,
+            "accuracy": accuracy_after,
+            "accuracy_uncalibrated": accuracy_before,
+            "perfect": centres,
+            "images": count,
+            "images_uncalibrated": count_before,
+        }
+    )
+    return frame[list(CSV_COLUMNS[CALIBRATION_CSV])]

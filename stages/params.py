@@ -190,6 +190,12 @@ class TrainParams:
     # Also average over copies moved this many pixels up, down, left and right (×2 with flip-TTA:
     # 10 views for 1 px); 0 = off. Also saved in the model file. Costs one inference per view.
     tta_shift: int = field(metadata=_rule(lambda v: 0 <= v <= 3, "must be in 0..3"))
+    # After training: fit one temperature on the validation split (stages/calibration.py) so the
+    # probabilities mean what they say; saved in the model file, applied by every format.
+    calibrate: bool
+    # The top probability below which a picture is flagged as unlike the training data: the one
+    # this share of validation images reaches (saved in the model file).
+    accept_fraction: float = field(metadata=FRACTION)
 
     def __post_init__(self) -> None:
         if self.filters and self.convs_per_block and len(self.convs_per_block) != len(self.filters):
@@ -215,6 +221,8 @@ class ValidateParams:
     min_class_f1: float = field(metadata=UNIT)
     # With --against REV: the largest allowed drop in test accuracy versus REV's metrics.
     max_drop: float = field(metadata=UNIT)
+    # The largest test ECE (expected calibration error of the served, calibrated probabilities).
+    max_ece: float = field(metadata=UNIT)
 
 
 @dataclass(frozen=True)

@@ -239,6 +239,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 BLANK_NOTE = "  [blank: nothing left to classify after preprocessing; the answer means nothing]"
 
 
+def unlike_note(top: float, threshold: float) -> str:
+    """The human line's flag for a picture unlike the training data (calibration.accept_threshold)."""
+    return f"  [unlike the training data: top probability {top:.3f} is under {threshold:.3f}; the class may be wrong]"
+
+
 def run(args: argparse.Namespace) -> None:
     runtime, classifier = choose_runtime(args.runtime, args.model)
     # The inputs are checked before the model loads: a Keras file's record needs no TensorFlow.
@@ -250,16 +255,20 @@ def run(args: argparse.Namespace) -> None:
         raise WardrobeError(f"--top-k {args.top_k}: the model knows {len(names)} classes")
     items = collect(args.paths, record)
     classifier = classifier or load(runtime, args.model)
-    for item, best in zip(items, top_k(predict(classifier, items, args.batch_size), args.top_k, names), strict=True):
+    probs = predict(classifier, items, args.batch_size)
+    unlike = record.unlike_training(probs)
+    for item, best, strange in zip(items, top_k(probs, args.top_k, names), unlike.tolist(), strict=True):
         if args.json:
             answer = {
                 "path": item.label,
                 "top_k": [{"class": c, "probability": round(p, 6)} for c, p in best],
                 "blank": item.blank,
+                "unlike_training": strange,
             }
             print(json.dumps(answer))
         else:
-            print(f"{item.label}: " + ", ".join(f"{c} ({p:.3f})" for c, p in best) + (BLANK_NOTE if item.blank else ""))
+            note = BLANK_NOTE if item.blank else unlike_note(best[0][1], record.accept_threshold) if strange else ""
+            print(f"{item.label}: " + ", ".join(f"{c} ({p:.3f})" for c, p in best) + note)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -8,6 +8,7 @@ agree. Image folders: ROOT/CLASS/PICTURE, every picture decoded and resized to `
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import multiprocessing
@@ -17,13 +18,24 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from stages.common import DATASET_FILE, SPLITS, DatasetInfo, WardrobeError, atomic_dir, run_main, split_paths
+from stages.common import (
+    DATASET_FILE,
+    ORIGINS_COLUMNS,
+    ORIGINS_FILE,
+    SPLITS,
+    DatasetInfo,
+    WardrobeError,
+    atomic_dir,
+    run_main,
+    split_paths,
+)
 from stages.images import IMAGE_SUFFIXES, decode_image, resize
 from stages.outputs import PREPARED_DIR
 from stages.params import PARAMS_FILE, DataParams, PrepareParams, load_section, untracked_folders
@@ -180,14 +192,24 @@ def load_idx(data: DataParams, params: PrepareParams) -> tuple[Labelled, Labelle
 
 @dataclass(frozen=True)
 class Pictures:
-    """A class-per-folder picture tree: each picture's path below `root` (CLASS/FILE) and label,
-    ordered by file name, then class. Plain strings and one byte per label, so listing 100,000
-    pictures takes a few megabytes."""
+    """A class-per-folder picture tree: each picture's file name (bytes, in its class folder) and
+    label, ordered by file name, then class. One NumPy byte string and one byte per picture, so
+    the listing of 100,000 pictures takes a few megabytes, not the 20 MB of Python strings."""
 
     root: Path
     classes: tuple[str, ...]
-    names: list[str]
+    files: np.ndarray  # bytes (os.fsencode of the name)
     labels: np.ndarray  # uint8
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def names(self, start: int = 0, stop: int | None = None) -> list[str]:
+        """The pictures' paths below the root (CLASS/FILE), from start to stop."""
+        return [
+            f"{self.classes[label]}/{os.fsdecode(file)}"
+            for file, label in zip(self.files[start:stop].tolist(), self.labels[start:stop].tolist(), strict=True)
+        ]
 
 
 def list_pictures(root: Path, class_names: tuple[str, ...] | None = None) -> Pictures:
@@ -201,48 +223,41 @@ def list_pictures(root: Path, class_names: tuple[str, ...] | None = None) -> Pic
         raise WardrobeError(f"{root}: class folders {list(classes)}, not the training folder's {list(class_names)}")
     if len(classes) < 2:
         raise WardrobeError(f"{root}: needs a sub-folder per class, at least two; found {list(classes)}")
-    entries: list[tuple[str, int]] = []
+    files, labels = [], []
     for label, name in enumerate(classes):
-        files = sorted(e.name for e in os.scandir(root / name) if not e.name.startswith("."))
-        if not files:
+        names = sorted(e.name for e in os.scandir(root / name) if not e.name.startswith("."))
+        if not names:
             raise WardrobeError(f"{root / name}: empty class folder")
-        for file in files:
-            path = root / name / file
-            if os.path.splitext(file)[1].lower() not in IMAGE_SUFFIXES or path.is_dir():
+        for file in names:
+            if os.path.splitext(file)[1].lower() not in IMAGE_SUFFIXES or (root / name / file).is_dir():
                 raise WardrobeError(
-                    f"{path}: not a picture ({', '.join(sorted(IMAGE_SUFFIXES))}); move it out of the dataset folder"
+                    f"{root / name / file}: not a picture ({', '.join(sorted(IMAGE_SUFFIXES))}); "
+                    "move it out of the dataset folder"
                 )
-            entries.append((file, label))
-    entries.sort()
-    names = [f"{classes[label]}/{file}" for file, label in entries]
-    return Pictures(root, classes, names, np.array([label for _, label in entries], dtype=np.uint8))
+        files.append(np.array([os.fsencode(file) for file in names]))
+        labels.append(np.full(len(names), label, dtype=np.uint8))
+    all_files, all_labels = np.concatenate(files), np.concatenate(labels)
+    order = np.lexsort((all_labels, all_files))  # by file name (UTF-8 bytes: code point order), then class
+    return Pictures(root, classes, all_files[order], all_labels[order])
 
 
 def snapshot(pictures: Pictures) -> str:
     """A digest of every picture's name, size and modification time: equal before and after
     reading, or the folder changed while it was read."""
     digest = hashlib.sha256()
-    for name in pictures.names:
-        try:
-            st = os.stat(pictures.root / name)
-        except FileNotFoundError:
-            return "changed"
-        digest.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    for start in range(0, len(pictures), CHUNK_PICTURES):
+        for name in pictures.names(start, start + CHUNK_PICTURES):
+            try:
+                st = os.stat(pictures.root / name)
+            except FileNotFoundError:
+                return "changed"
+            digest.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return digest.hexdigest()
 
 
 def content_line(name: str, raw_sha256: str) -> bytes:
     """One picture's line in the folder's content hash: its path below the root and its bytes' SHA-256."""
     return f"{name}\0{raw_sha256}\n".encode()
-
-
-def content_sha256(pictures: Pictures) -> str:
-    """SHA-256 over every picture's path below the root and the SHA-256 of its bytes (prepare
-    computes the same while decoding, from the bytes it decodes)."""
-    content = hashlib.sha256()
-    for name in pictures.names:
-        content.update(content_line(name, hashlib.sha256((pictures.root / name).read_bytes()).hexdigest()))
-    return content.hexdigest()
 
 
 def combined(train: str, test: str) -> str:
@@ -379,11 +394,11 @@ def decode_folder(
     as the pool takes them, so memory does not grow with the folder."""
     assert data.image_size is not None and data.channels is not None, "the schema requires them for folder"
     split_files, split_of, row_of = targets
-    size, channels, total = (data.image_size[0], data.image_size[1]), data.channels, len(pictures.names)
+    size, channels, total = (data.image_size[0], data.image_size[1]), data.channels, len(pictures)
     starts = range(0, total, CHUNK_PICTURES)
     chunks = (
         Chunk(
-            [str(pictures.root / name) for name in pictures.names[start : start + CHUNK_PICTURES]],
+            [str(pictures.root / name) for name in pictures.names(start, start + CHUNK_PICTURES)],
             split_of[first + start : first + min(start + CHUNK_PICTURES, total)],
             row_of[first + start : first + min(start + CHUNK_PICTURES, total)],
             channels,
@@ -396,7 +411,7 @@ def decode_folder(
     for start, digests in zip(
         starts, pool.imap(decode_chunk, chunks) if pool else map(decode_chunk, chunks), strict=True
     ):
-        for name, digest in zip(pictures.names[start : start + CHUNK_PICTURES], digests, strict=True):
+        for name, digest in zip(pictures.names(start, start + CHUNK_PICTURES), digests, strict=True):
             content.update(content_line(name, digest))
         done = min(start + CHUNK_PICTURES, total)
         if total >= PROGRESS_FROM and (tenth := 10 * done // total) != shown:
@@ -416,7 +431,7 @@ def prepare_folders(data: DataParams, params: PrepareParams, staging: Path) -> D
         sources.append(list_pictures(Path(data.test_root), sources[0].classes))
     classes = sources[0].classes
     labels = np.concatenate([pictures.labels for pictures in sources])
-    plan = plan_splits(labels, len(sources[0].names) if data.test_root else None, data.test_fraction, params)
+    plan = plan_splits(labels, len(sources[0]) if data.test_root else None, data.test_fraction, params)
     check_classes(plan, labels, classes)
     image_shape = (*data.image_size, *([3] if data.channels == 3 else []))
     targets = create_splits(staging, plan, labels, image_shape)
@@ -426,11 +441,18 @@ def prepare_folders(data: DataParams, params: PrepareParams, staging: Path) -> D
     try:
         hashes = [decode_folder(sources[0], 0, targets, data, pool)]
         if data.test_root:
-            hashes.append(decode_folder(sources[1], len(sources[0].names), targets, data, pool))
+            hashes.append(decode_folder(sources[1], len(sources[0]), targets, data, pool))
     finally:
         if pool:
             pool.terminate()
     fsync_files(targets[0])
+    origins = (
+        str(pictures.root / name)
+        for pictures in sources
+        for start in range(0, len(pictures), CHUNK_PICTURES)
+        for name in pictures.names(start, start + CHUNK_PICTURES)
+    )
+    write_origins(staging, targets[1], targets[2], origins)
     content = combined(*hashes) if data.test_root else hashes[0]
     return dataset_info(data, classes, image_shape, plan, content)
 
@@ -452,8 +474,25 @@ def prepare_idx(data: DataParams, params: PrepareParams, staging: Path) -> Datas
             rows = slice(first + start, first + start + len(chunk))
             split_files.write(chunk, split_of[rows], row_of[rows])
     fsync_files(split_files)
+    assert data.files is not None, "the schema requires them for idx"
+    images_files = (data.files["train"][0], data.files["test"][0])
+    origins = (
+        f"{name}#{k}" for name, images in zip(images_files, (x_train, x_test), strict=True) for k in range(len(images))
+    )
+    write_origins(staging, split_of, row_of, origins)
     content = hashlib.sha256("".join(f"{k} {v}\n" for k, v in sorted((data.sha256 or {}).items())).encode())
     return dataset_info(data, classes, image_shape, plan, content.hexdigest())
+
+
+def write_origins(staging: Path, split_of: np.ndarray, row_of: np.ndarray, origins: Iterator[str]) -> None:
+    """ORIGINS_FILE: where each prepared image came from (split, row, origin: a picture's path, or
+    an IDX file and index), in source order, written as it goes; the label audit names the
+    pictures whose labels it disputes from it."""
+    with open(staging / ORIGINS_FILE, "w", encoding="utf-8", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(ORIGINS_COLUMNS)
+        for index, origin in enumerate(origins):
+            writer.writerow((SPLITS[split_of[index]], int(row_of[index]), origin))
 
 
 def dataset_info(

@@ -14,6 +14,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from stages.calibration import accept_threshold, calibrate, ece, fit_temperature, nll
 from stages.common import (
     ImageFile,
     WardrobeError,
@@ -35,7 +36,7 @@ from stages.distribute import (
 from stages.environment import choose_precision, compute_device, environment_record
 from stages.layers import ScaledBiasAdam, ScaledBiasAdamW, ScaledBiasSGD, WarmupLinearDecay
 from stages.model import build_model, initialize_convs
-from stages.modelfile import Views, decide_flip, save_model
+from stages.modelfile import Views, decide_flip, predict_proba, save_model
 from stages.outputs import ENVIRONMENT_JSON, HISTORY_CSV, LIVE_DIR, MODEL_PATH, PREPARED_DIR
 from stages.params import TrainParams, load_section
 
@@ -294,6 +295,26 @@ def fit(
     return model
 
 
+CALIBRATION_BATCH = 1024  # images per inference call while calibrating (no effect on the values)
+
+
+def fit_calibration(
+    model: keras.Model, val: tuple[ImageFile | np.ndarray, np.ndarray], views: Views, params: TrainParams
+) -> tuple[float, float]:
+    """The temperature (1 when train.calibrate is off) and the acceptance threshold, both from the
+    validation split only, on the probabilities as the model's views average them."""
+    raw = predict_proba(model, val[0], CALIBRATION_BATCH, views)
+    temperature = fit_temperature(raw, val[1]) if params.calibrate else 1.0
+    calibrated = calibrate(raw, temperature)
+    threshold = accept_threshold(calibrated, params.accept_fraction)
+    print(
+        f"train: temperature {temperature:g} (validation NLL {nll(raw, val[1]):.4f} → {nll(calibrated, val[1]):.4f}, "
+        f"ECE {ece(raw, val[1]):.4f} → {ece(calibrated, val[1]):.4f}); pictures with a top probability under "
+        f"{threshold:.4f} are flagged as unlike the training data ({params.accept_fraction:.0%} of validation passes)"
+    )
+    return temperature, threshold
+
+
 def main() -> None:
     params = load_section(TrainParams)
     enable_determinism()  # the pipeline's promise: same params, data and code, same bits
@@ -319,7 +340,8 @@ def main() -> None:
     ):
         model = fit(params, train, val, history_tmp, classes, 2, strategy, precision, live_dir=LIVE_DIR)
         views = Views(decide_flip(bool(params.augment_flip), params.tta_flip), params.tta_shift)
-        save_model(model, model_tmp, views, dataset)
+        temperature, threshold = fit_calibration(model, val, views, params)
+        save_model(model, model_tmp, views, dataset, temperature, threshold)
         record = environment_record(device, precision, reason, strategy.num_replicas_in_sync)
         environment_tmp.write_text(json.dumps(record, indent=2) + "\n")
     print(f"train: wrote {MODEL_PATH}, {HISTORY_CSV}, {ENVIRONMENT_JSON} and {LIVE_DIR}/")

@@ -124,6 +124,10 @@ def check_quality(metrics: dict, gates: ValidateParams) -> list[str]:
         problems.append(
             f"{METRICS_PATH}: accuracy {metrics['accuracy']:.4f} is below validate.min_accuracy {gates.min_accuracy}"
         )
+    if metrics["ece"] > gates.max_ece:
+        problems.append(
+            f"{METRICS_PATH}: ece {metrics['ece']:.4f} (calibration error) is above validate.max_ece {gates.max_ece}"
+        )
     for name, scores in metrics["per_class"].items():
         if scores["f1"] < gates.min_class_f1:
             problems.append(

@@ -262,9 +262,9 @@ def test_a_picture_that_changes_while_the_folder_is_read_is_refused(tmp_path: Pa
     pictures = list_pictures(tmp_path / "pics")
     before = snapshot(pictures)
     assert snapshot(list_pictures(tmp_path / "pics")) == before
-    Image.new("L", (12, 10)).save(tmp_path / "pics" / pictures.names[0])  # rewritten between the two looks
+    Image.new("L", (12, 10)).save(tmp_path / "pics" / pictures.names()[0])  # rewritten between the two looks
     assert snapshot(pictures) != before
-    (tmp_path / "pics" / pictures.names[1]).unlink()
+    (tmp_path / "pics" / pictures.names()[1]).unlink()
     assert snapshot(pictures) == "changed"
 
 

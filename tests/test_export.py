@@ -188,3 +188,25 @@ def test_predict_runs_without_tensorflow_in_the_documented_install(tiny_run: Pat
         "error: TensorFlow is not installed, so --runtime keras cannot run; "
         "use --runtime onnx (data/export/model.onnx)\n"
     )
+
+
+@pytest.mark.pipeline
+def test_the_recorded_temperature_is_inside_the_exported_graphs(tiny_run: Path) -> None:
+    """train fitted a temperature on the validation split and recorded it with the threshold; the
+    ONNX file carries both in its metadata and applies the temperature in its graph (the
+    SavedModel's parity with the calibrated Keras answers is the test above): same top-1 answers,
+    other probabilities."""
+    from stages.calibration import calibrate
+    from stages.modelfile import load_onnx_classifier
+
+    keras_classifier = load_keras_classifier(tiny_run / MODEL_PATH)
+    record = keras_classifier.record
+    assert record.temperature != 1.0 and 0 < record.accept_threshold < 1
+    onnx_classifier = load_onnx_classifier(tiny_run / ONNX_PATH)
+    assert onnx_classifier.record == record
+    x_test = np.load(tiny_run / "data/prepared/x_test.npy")
+    uncalibrated = keras_classifier.predict_uncalibrated(x_test, 64)
+    served = onnx_classifier.predict_proba(x_test, 64)
+    np.testing.assert_allclose(served, calibrate(uncalibrated, record.temperature), atol=1e-4)
+    assert np.abs(served - uncalibrated).max() > 1e-3
+    assert (served.argmax(axis=1) == uncalibrated.argmax(axis=1)).all()

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import yaml
 
+from stages.calibration import brier, ece
 from stages.outputs import (
     CSV_COLUMNS,
     HEADLINE_METRICS,
@@ -18,6 +19,7 @@ from stages.outputs import (
     confusion_matrix,
     cross_entropy,
     per_class_scores,
+    predicted_confidence,
 )
 from tests.conftest import CLASS_NAMES, REPO
 
@@ -33,12 +35,14 @@ def test_confusion_matrix_rows_are_actual() -> None:
 def test_per_class_scores_known_values() -> None:
     y_true = np.array([0, 0, 0, 0, 1, 1])
     y_pred = np.array([0, 0, 0, 1, 1, 0])
-    scores = per_class_scores(confusion_matrix(y_true, y_pred, 10), CLASS_NAMES).set_index("class")
+    confidence = np.linspace(0.5, 0.95, 10)
+    scores = per_class_scores(confusion_matrix(y_true, y_pred, 10), CLASS_NAMES, confidence).set_index("class")
     assert scores.loc["T-shirt/top", "precision"] == pytest.approx(3 / 4)
     assert scores.loc["T-shirt/top", "recall"] == pytest.approx(3 / 4)
     assert scores.loc["Trouser", "precision"] == pytest.approx(1 / 2)
     assert scores.loc["Trouser", "f1"] == pytest.approx(1 / 2)
-    assert scores.loc["Bag"].tolist() == [0.0, 0.0, 0.0, 0]  # absent class: zeros, no NaN
+    assert scores.loc["Bag"].tolist() == [0.0, 0.0, 0.0, confidence[8], 0]  # absent class: zeros, no NaN
+    assert scores["confidence"].tolist() == confidence.tolist()
     assert scores["support"].tolist() == [4, 2] + [0] * 8
 
 
@@ -55,8 +59,13 @@ def test_compute_metrics_document() -> None:
     probs[np.arange(15), y[:15]] += 5  # 15 of 20 right
     probs[np.arange(15, 20), y[15:]] = 0  # the other 5 surely wrong
     probs /= probs.sum(axis=1, keepdims=True)
-    metrics = compute_metrics(Predictions(probs, y, probs[:10], y[:10], CLASS_NAMES))
+    ood = np.full((8, 10), 0.1)  # every class equally likely: top probability 0.1
+    metrics = compute_metrics(Predictions(probs, y, probs[:10], y[:10], CLASS_NAMES, probs, 1.0, 0.3, ood))
     assert metrics["accuracy"] == 0.75 and metrics["val_accuracy"] == 1.0
+    assert metrics["ece"] == metrics["ece_uncalibrated"] == pytest.approx(ece(probs, y), abs=1e-6)
+    assert metrics["brier"] == pytest.approx(brier(probs, y), abs=1e-6) and metrics["temperature"] == 1.0
+    assert metrics["accepted"] == pytest.approx(np.mean(probs.max(axis=1) >= 0.3), abs=1e-6)
+    assert metrics["ood_rejected"] == 1.0 and metrics["ood_auroc"] == 1.0  # every test image is above 0.1
     assert list(metrics["per_class"]) == list(CLASS_NAMES)
     assert set(metrics["per_class"]["Shirt"]) == {"precision", "recall", "f1"}
     assert list(metrics) == [*HEADLINE_METRICS, "per_class"]
@@ -89,3 +98,8 @@ def test_dvc_yaml_plots_use_the_contracts_columns() -> None:
         for path, columns in spec["y"].items():
             wanted = {spec["x"], *([columns] if isinstance(columns, str) else columns)}
             assert wanted <= set(CSV_COLUMNS[Path(path)]), title
+
+
+def test_predicted_confidence_is_the_mean_top_probability_per_predicted_class() -> None:
+    probs = np.array([[0.9, 0.1, 0.0], [0.7, 0.3, 0.0], [0.2, 0.8, 0.0]])
+    np.testing.assert_allclose(predicted_confidence(probs, 3), [0.8, 0.8, 0.0])

@@ -147,7 +147,7 @@ def test_prepare_main_writes_split_arrays(tmp_path: Path, params_dict: dict) -> 
     assert result.returncode == 0, result.stderr
     prepared = tmp_path / "data/prepared"
     assert sorted(p.name for p in prepared.iterdir()) == sorted(
-        ["dataset.json", *(f"{a}_{s}.npy" for a in "xy" for s in ("train", "val", "test"))]
+        ["dataset.json", "origins.csv", *(f"{a}_{s}.npy" for a in "xy" for s in ("train", "val", "test"))]
     )
     assert json.loads((prepared / "dataset.json").read_text()) == {
         "name": "Fashion-MNIST",

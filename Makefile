@@ -135,7 +135,7 @@ restore: venv
 # experiment's latest epoch (step, eval.accuracy: DVCLive's), and only the params that differ;
 # best test accuracy first. What it leaves out (per-class scores, export parity, environment,
 # dependency hashes) is in plain `dvc exp show`. ARGS adds dvc exp show options, e.g. ARGS=--csv.
-EXPERIMENTS_DROP := per_class\.|saved_model\.|onnx\.|test_images|tta_views|keras|train\.(accuracy|loss)$$|eval\.loss|python|tensorflow|numpy|device|kernels|replicas|precision|data/|stages/|plots/|metrics/|requirements
+EXPERIMENTS_DROP := per_class\.|ece|brier|temperature|accepted|ood_|saved_model\.|onnx\.|test_images|tta_views|keras|train\.(accuracy|loss)$$|eval\.loss|python|tensorflow|numpy|device|kernels|replicas|precision|data/|stages/|plots/|metrics/|requirements
 experiments: venv
 	@dvc exp show --only-changed --keep '(Experiment|accuracy|macro_f1|val_accuracy|loss)$$' --drop '$(EXPERIMENTS_DROP)' \
 		--sort-by accuracy --sort-order desc $(ARGS)

@@ -204,10 +204,10 @@ def load_split(prepared_dir: Path, split: str) -> tuple[ImageFile, np.ndarray]:
         raise WardrobeError(
             f"{x_path.parent}: cannot load split {split!r}: {x_path.name} not found; run `dvc repro prepare`"
         )
-    x = ImageFile(x_path)
     try:
+        x = ImageFile(x_path)
         y = np.load(y_path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
+    except (WardrobeError, OSError, ValueError) as exc:
         raise WardrobeError(f"{x_path.parent}: cannot load split {split!r}: {exc}") from exc
     if x.shape[1:] != shape or y.shape != (len(x),):
         raise WardrobeError(

@@ -11,6 +11,7 @@ TensorFlow, Keras and ONNX Runtime are imported where used: predict's TensorFlow
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import zipfile
@@ -139,20 +140,28 @@ def read_record(path: Path) -> ModelRecord:
     return parse_record(metadata, path)
 
 
-def save_model(
-    model: Any, path: Path, views: Views, dataset: DatasetInfo, temperature: float = 1.0, accept_threshold: float = 0.0
-) -> None:
+def save_model(model: Any, path: Path, views: Views, dataset: DatasetInfo) -> None:
     """model.save, minus what makes equal models differ in bytes, so DVC's hash of it is stable,
-    plus the record every reader of the file needs (read_record): views, class names, photo fit,
-    the calibration temperature and the acceptance threshold.
+    plus the record every reader of the file needs (read_record): views, class names, photo fit;
+    no temperature yet (record_calibration adds it, fitted on the saved model).
 
     Keras writes the save time into metadata.json, numbers shared objects in config.json by
     their memory address, and dates zip entries with the clock; the weights are already exact.
     """
-    record = ModelRecord(
-        views, dataset.class_names, dataset.image_shape, dataset.photo_fit, dataset.name, temperature, accept_threshold
-    )
     model.save(path)
+    write_record(path, ModelRecord(views, dataset.class_names, dataset.image_shape, dataset.photo_fit, dataset.name))
+
+
+def record_calibration(path: Path, temperature: float, accept_threshold: float) -> None:
+    """Write the fitted temperature and acceptance threshold into a saved model file's record."""
+    write_record(
+        path, dataclasses.replace(read_record(path), temperature=temperature, accept_threshold=accept_threshold)
+    )
+
+
+def write_record(path: Path, record: ModelRecord) -> None:
+    """Rewrite a saved model file with `record` in its metadata.json, no save date, and shared
+    objects numbered by order of appearance (renumbering twice changes nothing)."""
     with zipfile.ZipFile(path) as archive:
         entries = [(info, archive.read(info)) for info in archive.infolist()]
     with zipfile.ZipFile(path, "w") as archive:

@@ -45,7 +45,10 @@ def _dvc(*args: str) -> str:
 def plot_specs(base: str) -> dict[str, dict]:
     """DVC's Vega-Lite spec of every declared chart, filled with the workspace's and base's data."""
     rendered = json.loads(_dvc("plots", "diff", base, "--json"))["data"]
-    return {name: entries[0]["content"] for name, entries in rendered.items() if entries[0]["type"] == "vega"}
+    # A chart whose file neither revision has (a plot added since base, not yet run) has no entry.
+    return {
+        name: entries[0]["content"] for name, entries in rendered.items() if entries and entries[0]["type"] == "vega"
+    }
 
 
 def render_png(spec: dict) -> bytes:

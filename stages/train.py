@@ -36,7 +36,7 @@ from stages.distribute import (
 from stages.environment import choose_precision, compute_device, environment_record
 from stages.layers import ScaledBiasAdam, ScaledBiasAdamW, ScaledBiasSGD, WarmupLinearDecay
 from stages.model import build_model, initialize_convs
-from stages.modelfile import Views, decide_flip, predict_proba, save_model
+from stages.modelfile import Views, decide_flip, load_model, predict_proba, record_calibration, save_model
 from stages.outputs import ENVIRONMENT_JSON, HISTORY_CSV, LIVE_DIR, MODEL_PATH, PREPARED_DIR
 from stages.params import TrainParams, load_section
 
@@ -340,8 +340,10 @@ def main() -> None:
     ):
         model = fit(params, train, val, history_tmp, classes, 2, strategy, precision, live_dir=LIVE_DIR)
         views = Views(decide_flip(bool(params.augment_flip), params.tta_flip), params.tta_shift)
-        temperature, threshold = fit_calibration(model, val, views, params)
-        save_model(model, model_tmp, views, dataset, temperature, threshold)
+        save_model(model, model_tmp, views, dataset)
+        # Calibrated on the model as saved and loaded, outside any distribution strategy: under
+        # several workers the model in memory would predict only this worker's share.
+        record_calibration(model_tmp, *fit_calibration(load_model(model_tmp), val, views, params))
         record = environment_record(device, precision, reason, strategy.num_replicas_in_sync)
         environment_tmp.write_text(json.dumps(record, indent=2) + "\n")
     print(f"train: wrote {MODEL_PATH}, {HISTORY_CSV}, {ENVIRONMENT_JSON} and {LIVE_DIR}/")

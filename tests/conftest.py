@@ -120,6 +120,7 @@ TINY = (
     "evaluate.example_grid=3",
     "validate.min_accuracy=0.2",
     "validate.min_class_f1=0.0",
+    "validate.max_ece=1.0",
     "validate.max_drop=0.01",
 )
 

@@ -66,7 +66,7 @@ def declared_plots() -> tuple[int, int]:
 @pytest.mark.pipeline
 def test_dvc_plots_show_draws_every_plot_with_the_network_blocked(tmp_path: Path) -> None:
     charts, images = declared_plots()
-    assert (charts, images) == (4, 3)
+    assert (charts, images) == (5, 4)
     project = plots_project(tmp_path, offline_template=True)
     sh(project, "dvc", "plots", "show", "-o", "out")
     result = render_offline(project / "out/index.html")

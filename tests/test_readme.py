@@ -360,7 +360,7 @@ def _make_report(clone: Clone, command: Command) -> None:
         r"\*\*Test accuracy \d\.\d{4} → \d\.\d{4} \([+-]\d+\.\d\d points\)\*\*; validation gate: .*\.", lines[2]
     )
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
-    assert len(images) == 5 and images[0] == "report_images/accuracy.png"
+    assert len(images) == 6 and images[0] == "report_images/accuracy.png"
     for image in images:
         with Image.open(clone.path / image) as picture:
             picture.verify()
@@ -614,6 +614,7 @@ def _reset(clone: Clone) -> None:
     """Back to the committed baseline between sections (experiments leave the workspace changed)."""
     sh(clone.path, "git", "checkout", "-q", "main")
     sh(clone.path, "git", "reset", "-q", "--hard", "main")  # (autostage: dvc repro stages what it writes)
+    sh(clone.path, "git", "clean", "-fdq", "--", "data/pictures")  # a section's own pictures (prepare's dep)
     sh(clone.path, "dvc", "checkout", "-q")
     assert sh(clone.path, "dvc", "status", "--json").stdout.strip() == "{}"
 

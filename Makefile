@@ -98,6 +98,7 @@ bench: venv dataset
 	$(PY) -m bench.serve
 	$(PY) -m bench.folder
 	$(PY) -m bench.scale
+	$(PY) -m bench.trust
 
 # What CI does with the pipeline (.github/workflows/ci.yml runs exactly `make ci`):
 # reproduce, validate against BASE, write report.md. BASE defaults to the last commit.

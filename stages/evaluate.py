@@ -33,6 +33,7 @@ from stages.outputs import (
     PREDICTIONS_PNG,
     PREPARED_DIR,
     RELIABILITY_PNG,
+    TEST_PROBS,
     Predictions,
     compute_metrics,
     confusion_matrix,
@@ -167,6 +168,8 @@ def main() -> None:
     plot_confusion_matrix(cm, names, CONFUSION_PNG)
     plot_predictions(x_test[: params.example_grid**2], y_test, y_pred, names, params.example_grid, PREDICTIONS_PNG)
     plot_reliability(rows, RELIABILITY_PNG)
+    with atomic_path(TEST_PROBS) as tmp, open(tmp, "wb") as handle:
+        np.save(handle, test_probs.astype(np.float32), allow_pickle=False)
     write_json_atomic(METRICS_PATH, metrics)  # last: its presence means the rest is complete
     print(
         f"evaluate: test accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}, "

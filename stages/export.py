@@ -9,7 +9,8 @@ Both take `image`, float32 N×height×width in [0, 1], and return `probabilities
 contain the test-time augmentation the model file records (the mirrored and shifted views,
 averaged), so a served model answers what evaluate measured, with no code on the client's side.
 
-Parity: on every test image, each format must choose the Keras model's class for at least
+Parity: on every test image, each format must choose the Keras model's class (evaluate's
+probabilities, data/predictions/test.npy: the Keras model runs the test images once) for at least
 PARITY_TOP1 of them and give every probability within PARITY_ATOL of it (metrics/export.json
 keeps the measured numbers). Otherwise the stage fails in one line and the previous export stays.
 """
@@ -46,10 +47,10 @@ from stages.outputs import (
     SERVING_INPUT,
     SERVING_OUTPUT,
     SERVING_VERSION,
+    TEST_PROBS,
     accuracy,
 )
 
-PARITY_BATCH = 250  # images per call of the Keras model, which runs the views one after another
 # The exported graphs run all views of a call at once: images per call × views go through the model
 # together. 500 keeps export's peak RSS near 1 GB at any view count (with 250 images × 10 views,
 # a `tta_shift: 1` model's export peaked at 2.0 GB, BENCHMARKS.md round 6); 2 views → 250 images.
@@ -120,6 +121,23 @@ def saved_model_probs(directory: Path, x: np.ndarray, batch_size: int) -> np.nda
     return np.concatenate(batches)
 
 
+def read_reference(path: Path, images: int, classes: int) -> np.ndarray:
+    """The Keras model's probabilities of the test images, as evaluate computed them (the views
+    and the temperature the model file records): what each exported format must reproduce."""
+    try:
+        reference = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise WardrobeError(f"{path}: not found; run the evaluate stage first (`dvc repro evaluate`)") from None
+    except (OSError, ValueError) as exc:
+        raise WardrobeError(f"{path}: cannot load evaluate's test probabilities: {exc}") from exc
+    if reference.shape != (images, classes):
+        raise WardrobeError(
+            f"{path}: {reference.shape} probabilities, not the {images} test images × {classes} classes; "
+            "run `dvc repro evaluate`"
+        )
+    return reference
+
+
 def check_float32(model: keras.Model, path: Path) -> None:
     """ONNX Runtime's CPU kernels have no bfloat16 convolution (the graph fails to load), and a
     float32 copy would not match what evaluate measured: refuse before exporting anything."""
@@ -136,7 +154,7 @@ def main() -> None:
     check_float32(classifier.model, MODEL_PATH)
     x_test, y_test = load_split(PREPARED_DIR, "test")
     model = serving_model(classifier)
-    reference = classifier.predict_proba(x_test, PARITY_BATCH)
+    reference = read_reference(TEST_PROBS, len(x_test), len(classifier.record.class_names))
     views = len(classifier.views)
     graph_images = graph_batch(views)
     report: dict[str, object] = {

@@ -41,6 +41,9 @@ PREDICTIONS_PNG = Path("plots/predictions.png")
 # evaluate's reliability diagram: per bin of the top probability, the test accuracy with and
 # without the model file's temperature (README "Probabilities you can trust").
 CALIBRATION_CSV = Path("plots/calibration.csv")
+# evaluate's (calibrated) probabilities of every test image, float32 N×classes: export's parity
+# reference, so the Keras model runs the test images' views once between the two stages.
+TEST_PROBS = Path("data/predictions/test.npy")
 RELIABILITY_PNG = Path("plots/reliability.png")
 # export: the model in serving formats, test-time augmentation inside (README "Serving the model").
 SAVED_MODEL_DIR = Path("data/export/saved_model")  # TF Serving's model base path: version 1/ inside
@@ -77,6 +80,7 @@ STAGE_OUTPUTS: dict[str, tuple[Path, ...]] = {
     "train": (MODEL_PATH, HISTORY_CSV, ENVIRONMENT_JSON, LIVE_DIR),
     "evaluate": (
         METRICS_PATH,
+        TEST_PROBS,
         CONFUSION_CSV,
         PER_CLASS_CSV,
         CALIBRATION_CSV,

@@ -403,10 +403,13 @@ CLASS = "|".join(re.escape(name) for name in CLASS_NAMES)
 
 
 def _like(shown: str) -> str:
-    """A regex for an output line as the README shows it: any class, any probability."""
+    """A regex for an output line as the README shows it: any class, any probability, and the flag
+    for a picture unlike the training data where the clone's tiny model is less sure than the
+    README's real one."""
     pattern = re.escape(shown)
     pattern = re.sub("|".join(re.escape(re.escape(name)) for name in CLASS_NAMES), f"(?:{CLASS})", pattern)
-    return re.sub(r"\d\\\.\d+", r"[01]\\.\\d+", pattern)
+    pattern = re.sub(r"\d\\\.\d+", r"[01]\\.\\d+", pattern)
+    return pattern + ("" if "unlike the training data" in shown else r"(?:  \[unlike the training data: .*\])?")
 
 
 def _as_shown(clone: Clone, command: Command) -> None:

@@ -163,9 +163,9 @@ def render(run: Run) -> str:
     )
     temperature_text = (
         f"Every format divides the views' averaged log-probabilities by a temperature of **{record.temperature:g}**, "
-        f"fitted on the {sizes['val']:,} validation images after training (`train.calibrate`);"
+        f"fitted on the {sizes['val']:,} validation images after training (`train.calibrate`)."
         if record.temperature != 1.0
-        else "The probabilities are the views' mean, with no temperature (`train.calibrate` is off);"
+        else "The probabilities are the views' mean, with no temperature (`train.calibrate` is off)."
     )
     gaps = [
         f"{row['class']} (mean top probability {row['confidence']:.3f}, right {row['precision']:.3f})"

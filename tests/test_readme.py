@@ -55,6 +55,7 @@ SECTIONS = (
     "The model as an artifact",
     "Train on your own images",
     "Predict on your own images",
+    "Probabilities you can trust",
 )
 GITHUB_URL = "https://github.com/ORG/wardrobe"  # the README's placeholder; here: a local bare repo
 
@@ -472,6 +473,20 @@ def _own_images_run(clone: Clone, command: Command) -> None:
     assert "classifier of Pets images into 3 classes" in (clone.path / "metrics/model_card.md").read_text()
 
 
+def _audit(clone: Clone, command: Command) -> None:
+    """The label audit on the clone's committed model: every disputed validation or test label,
+    ranked by the probability the model gives it, each naming its IDX file and index; the grid."""
+    _ok(clone.run(command))
+    issues = pd.read_csv(clone.path / "audit/label_issues.csv")
+    assert list(issues.columns) == ["rank", "split", "row", "origin", "label", "predicted", "label_probability",
+                                    "predicted_probability"]  # fmt: skip
+    assert set(issues["split"]) <= {"val", "test"} and (issues["label"] != issues["predicted"]).all()
+    assert issues["label_probability"].is_monotonic_increasing
+    assert issues["origin"].str.fullmatch(r"(train|t10k)-images-idx3-ubyte#\d+").all()
+    with Image.open(clone.path / "audit/label_issues.png") as grid:
+        assert grid.format == "PNG"
+
+
 def _own_images_predict(clone: Clone, command: Command) -> None:
     for runtime in ("", " --runtime onnx"):
         result = clone.run(Command(command.section, command.text + runtime))
@@ -517,6 +532,7 @@ CHECKS: dict[str, Callable[[Clone, Command], None]] = {
     "python -m stages.predict shirt.png --json --top-k 3": _as_shown,
     "wardrobe-predict boot.png --runtime onnx": _as_shown,
     "wardrobe-predict missing.png": _as_shown,
+    "python -m stages.audit --top 50": _audit,
 }
 
 

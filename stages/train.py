@@ -295,15 +295,14 @@ def fit(
     return model
 
 
-CALIBRATION_BATCH = 1024  # images per inference call while calibrating (no effect on the values)
-
-
 def fit_calibration(
     model: keras.Model, val: tuple[ImageFile | np.ndarray, np.ndarray], views: Views, params: TrainParams
 ) -> tuple[float, float]:
     """The temperature (1 when train.calibrate is off) and the acceptance threshold, both from the
     validation split only, on the probabilities as the model's views average them."""
-    raw = predict_proba(model, val[0], CALIBRATION_BATCH, views)
+    # At training's batch size: the memory training needed is enough (a larger batch of large
+    # pictures would raise the stage's peak above the fit's).
+    raw = predict_proba(model, val[0], params.batch_size, views)
     temperature = fit_temperature(raw, val[1]) if params.calibrate else 1.0
     calibrated = calibrate(raw, temperature)
     threshold = accept_threshold(calibrated, params.accept_fraction)

@@ -60,11 +60,16 @@ def synthetic_images(per_class: int, seed: int, noise: float = NOISE) -> tuple[n
     return images, labels
 
 
-def write_idx_dir(directory: Path, noise: float = NOISE) -> dict[str, str]:
-    """Write the four .gz files; return their decompressed SHA-256 (the params `sha256` map)."""
+def write_idx_dir(
+    directory: Path, noise: float = NOISE, flip_train: tuple[int, ...] = (), flip_test: tuple[int, ...] = ()
+) -> dict[str, str]:
+    """Write the four .gz files; return their decompressed SHA-256 (the params `sha256` map).
+    The labels of the images at flip_train / flip_test move to the next class (wrong on purpose)."""
     directory.mkdir(parents=True, exist_ok=True)
     x_train, y_train = synthetic_images(TRAIN_PER_CLASS, seed=1, noise=noise)
     x_test, y_test = synthetic_images(TEST_PER_CLASS, seed=2, noise=noise)
+    for labels, flipped in ((y_train, list(flip_train)), (y_test, list(flip_test))):
+        labels[flipped] = (labels[flipped] + 1) % 10
     hashes = {}
     for name, array in (
         ("train-images-idx3-ubyte", x_train),

@@ -125,6 +125,7 @@ def test_the_report_shows_both_revisions_and_the_environment_change(tmp_path: Pa
         "report_images/loss.png",
         "report_images/confusion_matrix.png",
         "report_images/per_class_f1.png",
+        "report_images/reliability.png",
         "plots/confusion_matrix.png",
     ]
     for image in images:

@@ -5,8 +5,6 @@ unlike the training data in wardrobe-predict, and the label audit (stages/audit.
 from __future__ import annotations
 
 import csv
-import gzip
-import hashlib
 import json
 from pathlib import Path
 
@@ -18,15 +16,7 @@ from stages.audit import label_issues
 from stages.calibration import scrambled
 from stages.modelfile import load_keras_classifier
 from stages.outputs import MODEL_PATH
-from tests.conftest import (
-    TEST_PER_CLASS,
-    TINY,
-    committed_params,
-    idx_bytes,
-    run_module,
-    synthetic_images,
-    write_params,
-)
+from tests.conftest import TINY, committed_params, run_module, write_idx_dir, write_params
 
 
 def test_only_confidently_disputed_labels_are_issues_ranked_lowest_first() -> None:
@@ -48,37 +38,15 @@ FLIPPED_TEST = (3, 17, 26)  # test images whose label is wrong on purpose
 FLIPPED_TRAIN = (5, 40, 77, 101)
 
 
-def write_flipped_idx(directory: Path) -> dict[str, str]:
-    """The synthetic dataset, easy (little noise), with some labels moved to the next class."""
-    directory.mkdir(parents=True)
-    (x_train, y_train), (x_test, y_test) = (
-        synthetic_images(12, 1, noise=40.0),
-        synthetic_images(TEST_PER_CLASS, 2, 40.0),
-    )
-    for labels, flipped in ((y_train, FLIPPED_TRAIN), (y_test, FLIPPED_TEST)):
-        labels[list(flipped)] = (labels[list(flipped)] + 1) % 10
-    hashes = {}
-    for name, array in (
-        ("train-images-idx3-ubyte", x_train),
-        ("train-labels-idx1-ubyte", y_train),
-        ("t10k-images-idx3-ubyte", x_test),
-        ("t10k-labels-idx1-ubyte", y_test),
-    ):
-        raw = idx_bytes(array)
-        (directory / f"{name}.gz").write_bytes(gzip.compress(raw, mtime=0))
-        hashes[name] = hashlib.sha256(raw).hexdigest()
-    return hashes
-
-
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """prepare, train and export on the flipped dataset, as DVC runs them."""
+    """prepare, train, evaluate and export on the flipped dataset, as DVC runs them."""
     work = tmp_path_factory.mktemp("trust")
-    hashes = write_flipped_idx(work / "idx")
+    hashes = write_idx_dir(work / "idx", noise=40.0, flip_train=FLIPPED_TRAIN, flip_test=FLIPPED_TEST)
     params = committed_params(work / "idx", hashes, *TINY, "train.epochs=8", "prepare.val_fraction=0.1")
     (work / "project").mkdir()
     write_params(work / "project", params)
-    for stage in ("prepare", "train", "export"):
+    for stage in ("prepare", "train", "evaluate", "export"):
         result = run_module(f"stages.{stage}", cwd=work / "project")
         assert result.returncode == 0, result.stderr
     return work / "project"

@@ -100,7 +100,7 @@ def fold_probabilities(folds: int, x: ImageFile, y: np.ndarray, val: tuple[Image
         print(f"audit: fold {fold + 1}/{folds}: training on {len(keep):,} images, predicting {len(held):,}")
         with tempfile.TemporaryDirectory() as scratch:
             model = fit(params, (Rows(x, keep), y[keep]), val, Path(scratch) / "history.csv", classes, verbose=0)
-        temperature, _ = fit_calibration(model, val, views, dataclasses.replace(params, accept_fraction=0.5))
+        temperature, _ = fit_calibration(model, val, views, params)
         probs[held] = calibrate(predict_proba(model, Rows(x, held), BATCH, views), temperature)
     return probs
 

@@ -149,7 +149,7 @@ def main() -> None:
     x_val, y_val = load_split(PREPARED_DIR, "val")
     test_raw = classifier.predict_uncalibrated(x_test, params.batch_size)
     test_probs = calibrate(test_raw, record.temperature)
-    val_probs = calibrate(classifier.predict_uncalibrated(x_val, params.batch_size), record.temperature)
+    val_probs = classifier.predict_proba(x_val, params.batch_size)
     ood_probs = classifier.predict_proba(scrambled(x_test[:OOD_IMAGES]), params.batch_size)
     y_pred = test_probs.argmax(axis=1)
     history = read_csv(HISTORY_CSV)

@@ -98,6 +98,11 @@ def accept_threshold(probs: np.ndarray, accept_fraction: float) -> float:
     return round(float(np.quantile(probs.max(axis=1), 1 - accept_fraction, method="lower")), 6)
 
 
+def unlike_training(probs: np.ndarray, threshold: float) -> np.ndarray:
+    """Per image: is its top probability under the acceptance threshold (the flag predict shows)?"""
+    return probs.max(axis=1) < threshold
+
+
 def auroc(inside: np.ndarray, outside: np.ndarray) -> float:
     """Area under the ROC curve of a score that should be higher `inside` than `outside`: the
     chance that a random inside image scores above a random outside one (ties count half)."""

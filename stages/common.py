@@ -136,10 +136,6 @@ class ImageFile:
     def __len__(self) -> int:
         return self.shape[0]
 
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
-
     def _read(self, start: int, count: int, out: np.ndarray) -> None:
         if self._fd is None:
             self._fd = os.open(self.path, os.O_RDONLY)
@@ -181,9 +177,6 @@ class ImageFile:
     def __del__(self) -> None:
         if getattr(self, "_fd", None) is not None:
             os.close(self._fd)
-
-    def __getstate__(self) -> dict[str, Any]:  # a copy (another process) opens its own descriptor
-        return {**self.__dict__, "_fd": None}
 
 
 def image_chunks(x: ImageFile | np.ndarray, multiple: int) -> Iterator[np.ndarray]:

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from stages.calibration import calibrate
+from stages.calibration import calibrate, unlike_training
 from stages.common import DatasetInfo, ImageFile, WardrobeError, complete_text, image_chunks, shape_text
 
 # The record in the model file's metadata.json (save_model writes it) and in the ONNX graph's
@@ -92,7 +92,7 @@ class ModelRecord:
 
     def unlike_training(self, probs: np.ndarray) -> np.ndarray:
         """Per image: is its top probability below the acceptance threshold?"""
-        return probs.max(axis=1) < self.accept_threshold
+        return unlike_training(probs, self.accept_threshold)
 
 
 def parse_record(metadata: dict[str, Any], where: Path) -> ModelRecord:

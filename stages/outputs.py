@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from stages.calibration import ECE_BINS, TEMPERATURE_RANGE, auroc, brier, ece, reliability
+from stages.calibration import ECE_BINS, TEMPERATURE_RANGE, auroc, brier, ece, reliability, unlike_training
 
 if TYPE_CHECKING:  # imported where used: predict's TensorFlow-free install has no pandas
     import pandas as pd
@@ -154,7 +154,7 @@ def cross_entropy(probs: np.ndarray, y_true: np.ndarray) -> float:
 
 def accepted(probs: np.ndarray, threshold: float) -> float:
     """The share of images whose top probability reaches the acceptance threshold."""
-    return float(np.mean(probs.max(axis=1) >= threshold)) if len(probs) else 0.0
+    return 1 - float(np.mean(unlike_training(probs, threshold))) if len(probs) else 0.0
 
 
 # In this order in metrics.json, so in `dvc exp show`'s first metric columns (evaluate's metrics

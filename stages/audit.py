@@ -88,7 +88,7 @@ def fold_probabilities(folds: int, x: ImageFile, y: np.ndarray, val: tuple[Image
     train) trained on the other folds."""
     from stages.modelfile import Views, decide_flip, predict_proba
     from stages.params import TrainParams, load_section
-    from stages.train import fit, fit_calibration
+    from stages.train import fit, validation_temperature
 
     params = load_section(TrainParams)
     classes = len(read_dataset(PREPARED_DIR).class_names)
@@ -100,7 +100,7 @@ def fold_probabilities(folds: int, x: ImageFile, y: np.ndarray, val: tuple[Image
         print(f"audit: fold {fold + 1}/{folds}: training on {len(keep):,} images, predicting {len(held):,}")
         with tempfile.TemporaryDirectory() as scratch:
             model = fit(params, (Rows(x, keep), y[keep]), val, Path(scratch) / "history.csv", classes, verbose=0)
-        temperature, _ = fit_calibration(model, val, views, params)
+        temperature, _ = validation_temperature(model, val, views, params)
         probs[held] = calibrate(predict_proba(model, Rows(x, held), BATCH, views), temperature)
     return probs
 

@@ -40,6 +40,7 @@ from stages.outputs import (
     PER_CLASS_CSV,
     PREPARED_DIR,
     SAVED_MODEL_DIR,
+    SERVING_DISTANCE,
     SERVING_INPUT,
     SERVING_OUTPUT,
     SERVING_VERSION,
@@ -120,7 +121,7 @@ def render(run: Run) -> str:
         ["actual", "predicted as", "test images"],
         [[row["actual"], row["predicted"], int(row["count"])] for _, row in top_pairs.iterrows()],
     )
-    signature = f"`{SERVING_INPUT}` → `{SERVING_OUTPUT}`"
+    signature = f"`{SERVING_INPUT}` → `{SERVING_OUTPUT}`, `{SERVING_DISTANCE}`"
     formats = markdown_table(
         ["format", "path", "signature / input → output", "top-1 = Keras", "max probability difference"],
         [
@@ -182,7 +183,7 @@ def render(run: Run) -> str:
         "artifact": ARTIFACT,
         "temperature_text": temperature_text,
         "class_calibration": class_calibration,
-        "threshold": record.accept_threshold,
+        "threshold": record.distance_threshold if record.distance_threshold is not None else float("nan"),
         "accept_fraction": run.train.accept_fraction,
         "ood_passed": 1 - run.metrics["ood_rejected"],
         "arch": run.train.arch,
@@ -202,6 +203,7 @@ def render(run: Run) -> str:
         "most_often": most_often,
         "serving_input": SERVING_INPUT,
         "serving_output": SERVING_OUTPUT,
+        "serving_distance": SERVING_DISTANCE,
         "parity_images": exp["test_images"],
         "parity_top1": PARITY_TOP1,
         "parity_atol": PARITY_ATOL,

@@ -150,13 +150,23 @@ def main() -> None:
     test_raw = classifier.predict_uncalibrated(x_test, params.batch_size)
     test_probs = calibrate(test_raw, record.temperature)
     val_probs = classifier.predict_proba(x_val, params.batch_size)
-    ood_probs = classifier.predict_proba(scrambled(x_test[:OOD_IMAGES]), params.batch_size)
+    test_distances = classifier.distances(x_test, params.batch_size)
+    ood_distances = classifier.distances(scrambled(x_test[:OOD_IMAGES]), params.batch_size)
     y_pred = test_probs.argmax(axis=1)
     history = read_csv(HISTORY_CSV)
 
     names = record.class_names
     predictions = Predictions(
-        test_probs, y_test, val_probs, y_val, names, test_raw, record.temperature, record.accept_threshold, ood_probs
+        test_probs,
+        y_test,
+        val_probs,
+        y_val,
+        names,
+        test_raw,
+        record.temperature,
+        record.distance_threshold,
+        test_distances,
+        ood_distances,
     )
     metrics = compute_metrics(predictions)
     cm = confusion_matrix(y_test, y_pred, len(names))

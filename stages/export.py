@@ -5,14 +5,17 @@
 - data/export/model.onnx: the same graph for ONNX Runtime (Keras' own exporter, which runs tf2onnx).
 
 Both take `image`, float32 N×height×width in [0, 1], and return `probabilities`, float32 N×classes
-(the prepared data's shape and class count). Both
-contain the test-time augmentation the model file records (the mirrored and shifted views,
-averaged), so a served model answers what evaluate measured, with no code on the client's side.
+(the prepared data's shape and class count), and `distance`, float32 N: how far each picture's
+features are from the training images' (calibration.FeatureDensity; beyond the threshold the model
+file records, the picture is unlike the training data). Both contain the test-time augmentation
+the model file records (the mirrored and shifted views, averaged) and the temperature, so a served
+model answers what evaluate measured, with no code on the client's side.
 
 Parity: on every test image, each format must choose the Keras model's class (evaluate's
 probabilities, data/predictions/test.npy: the Keras model runs the test images once) for at least
-PARITY_TOP1 of them and give every probability within PARITY_ATOL of it (metrics/export.json
-keeps the measured numbers). Otherwise the stage fails in one line and the previous export stays.
+PARITY_TOP1 of them, give every probability within PARITY_ATOL of it, and flag the same pictures
+as the Keras model's feature distances for at least PARITY_TOP1 of them (metrics/export.json keeps
+the measured numbers). Otherwise the stage fails in one line and the previous export stays.
 """
 
 from __future__ import annotations
@@ -26,10 +29,11 @@ import numpy as np
 
 from stages.calibration import TINY
 from stages.common import WardrobeError, atomic_dir, atomic_path, load_split, run_main
-from stages.layers import TestTimeViews
+from stages.layers import FeatureDistance, TestTimeViews
 from stages.modelfile import (
     KerasClassifier,
     ModelRecord,
+    feature_model,
     file_sha256,
     load_keras_classifier,
     load_onnx_classifier,
@@ -40,15 +44,15 @@ from stages.outputs import (
     EXPORT_JSON,
     MODEL_PATH,
     ONNX_PATH,
-    PARITY_ATOL,
-    PARITY_TOP1,
     PREPARED_DIR,
     SAVED_MODEL_DIR,
+    SERVING_DISTANCE,
     SERVING_INPUT,
     SERVING_OUTPUT,
     SERVING_VERSION,
     TEST_PROBS,
     accuracy,
+    parity_problem,
 )
 
 # The exported graphs run all views of a call at once: images per call × views go through the model
@@ -64,34 +68,40 @@ def graph_batch(views: int) -> int:
 
 def serving_model(classifier: KerasClassifier) -> keras.Model:
     """One graph: the views, the trained model on all of them at once, their mean probabilities,
-    calibrated by the temperature the model file records (calibration.calibrate, in graph ops)."""
+    calibrated by the temperature the model file records (calibration.calibrate, in graph ops), and
+    the feature distance of the unmoved view (calibration.FeatureDensity.distance)."""
+    if classifier.density is None:
+        raise WardrobeError(
+            f"{MODEL_PATH}: the model file holds no feature density (an older train); `dvc repro train`"
+        )
     views = classifier.views.offsets()
     shape, classes = classifier.record.image_shape, len(classifier.record.class_names)
     images = keras.Input(shape, name=SERVING_INPUT, dtype="float32")
     stacked = TestTimeViews(views)(images)
-    probs = classifier.model(keras.ops.reshape(stacked, (-1, *shape)), training=False)
+    features, probs = feature_model(classifier.model)(keras.ops.reshape(stacked, (-1, *shape)), training=False)
     mean = keras.ops.mean(keras.ops.reshape(probs, (len(views), -1, classes)), axis=0)
     if classifier.record.temperature != 1.0:
         log_p = keras.ops.log(keras.ops.maximum(mean, TINY)) / classifier.record.temperature
         mean = keras.ops.softmax(log_p, axis=-1)
-    return keras.Model(images, {SERVING_OUTPUT: mean}, name="serving")
+    plain = keras.ops.reshape(features, (len(views), -1, features.shape[-1]))[0]  # offsets()[0]: the unmoved view
+    distance = FeatureDistance(classifier.density.means, classifier.density.whitening)(plain)
+    return keras.Model(images, {SERVING_OUTPUT: mean, SERVING_DISTANCE: distance}, name="serving")
 
 
-def parity(reference: np.ndarray, probs: np.ndarray) -> dict[str, float]:
-    """How closely `probs` follows the Keras model's `reference` probabilities."""
+def parity(
+    reference: np.ndarray, probs: np.ndarray, reference_flags: np.ndarray, flags: np.ndarray
+) -> dict[str, float]:
+    """How closely `probs` and the unlike-the-training-data `flags` follow the Keras model's."""
     return {
         "top1_agreement": float(np.mean(reference.argmax(axis=1) == probs.argmax(axis=1))),
         "max_abs_diff": float(np.max(np.abs(reference.astype(np.float64) - probs))),
+        "flag_agreement": float(np.mean(reference_flags == flags)),
     }
 
 
 def check_parity(name: str, stats: dict[str, float]) -> None:
-    if stats["top1_agreement"] < PARITY_TOP1 or not stats["max_abs_diff"] <= PARITY_ATOL:
-        raise WardrobeError(
-            f"export: {name} disagrees with the Keras model on the test images: top-1 agreement "
-            f"{stats['top1_agreement']:.4%} (needs {PARITY_TOP1:.2%}), largest probability difference "
-            f"{stats['max_abs_diff']:.2e} (allowed {PARITY_ATOL:.0e}); nothing was exported"
-        )
+    if problem := parity_problem(name, stats):
+        raise WardrobeError(f"export: {problem}; nothing was exported")
 
 
 def finish_onnx(path: Path, record: ModelRecord, source_sha256: str) -> int:
@@ -109,16 +119,16 @@ def finish_onnx(path: Path, record: ModelRecord, source_sha256: str) -> int:
     return next(op.version for op in graph_model.opset_import if op.domain in ("", "ai.onnx"))
 
 
-def saved_model_probs(directory: Path, x: np.ndarray, batch_size: int) -> np.ndarray:
-    """What TF Serving computes: the `serving_default` signature of the SavedModel in `directory`."""
+def saved_model_outputs(directory: Path, x: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """What TF Serving computes: the `serving_default` signature of the SavedModel in `directory`,
+    its probabilities and distances."""
     import tensorflow as tf
 
     signature = tf.saved_model.load(str(directory)).signatures["serving_default"]
-    batches = [
-        signature(**{SERVING_INPUT: tf.constant(x[i : i + batch_size])})[SERVING_OUTPUT].numpy()
-        for i in range(0, len(x), batch_size)
-    ]
-    return np.concatenate(batches)
+    batches = [signature(**{SERVING_INPUT: tf.constant(x[i : i + batch_size])}) for i in range(0, len(x), batch_size)]
+    return tuple(
+        np.concatenate([batch[name].numpy() for batch in batches]) for name in (SERVING_OUTPUT, SERVING_DISTANCE)
+    )
 
 
 def read_reference(path: Path, images: int, classes: int) -> np.ndarray:
@@ -174,11 +184,12 @@ def main() -> None:
             model.export(str(onnx_tmp), format="onnx", verbose=False)
         opset = finish_onnx(onnx_tmp, classifier.record, file_sha256(MODEL_PATH))
         candidates = {
-            "saved_model": saved_model_probs(saved_tmp / SERVING_VERSION, x_test, graph_images),
-            "onnx": load_onnx_classifier(onnx_tmp).predict_proba(x_test, graph_images),
+            "saved_model": saved_model_outputs(saved_tmp / SERVING_VERSION, x_test, graph_images),
+            "onnx": load_onnx_classifier(onnx_tmp).classify(x_test, graph_images),
         }
-        for name, probs in candidates.items():
-            stats = parity(reference, probs)
+        reference_flags = classifier.record.unlike_training(classifier.distances(x_test, graph_images))
+        for name, (probs, distances) in candidates.items():
+            stats = parity(reference, probs, reference_flags, classifier.record.unlike_training(distances))
             check_parity(name, stats)
             report[name] = {**stats, "accuracy": round(accuracy(probs, y_test), DIGITS)}
         report["onnx"]["opset"] = opset

@@ -5,6 +5,7 @@ schedule or an optimizer) loads in safe mode anywhere."""
 from __future__ import annotations
 
 import keras
+import numpy as np
 
 
 @keras.saving.register_keras_serializable(package="wardrobe")
@@ -122,3 +123,18 @@ class TestTimeViews(keras.layers.Layer):
             view = padded[:, pad - dy : pad - dy + height, pad - dx : pad - dx + width]
             stacked.append(keras.ops.flip(view, axis=2) if mirror else view)
         return keras.ops.stack(stacked, axis=0)
+
+
+class FeatureDistance(keras.layers.Layer):
+    """N×D features → N: calibration.FeatureDensity.distance as graph ops (the Mahalanobis distance
+    from the nearest class mean), for export's serving graph; the density is held as constants."""
+
+    def __init__(self, means: np.ndarray, whitening: np.ndarray, **kwargs: object) -> None:
+        super().__init__(**kwargs)
+        self.whitening = whitening.astype(np.float32)
+        self.centres = (means.astype(np.float64) @ whitening.astype(np.float64)).astype(np.float32)
+
+    def call(self, features: keras.KerasTensor) -> keras.KerasTensor:
+        white = keras.ops.matmul(features, self.whitening)  # N×D
+        gaps = keras.ops.expand_dims(white, 1) - self.centres[None]  # N×C×D
+        return keras.ops.sqrt(keras.ops.min(keras.ops.sum(keras.ops.square(gaps), axis=-1), axis=-1))

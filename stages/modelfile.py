@@ -13,16 +13,19 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
-from stages.calibration import calibrate, unlike_training
+from stages.calibration import FeatureDensity, calibrate, unlike_training
 from stages.common import DatasetInfo, ImageFile, WardrobeError, complete_text, image_chunks, shape_text
+from stages.outputs import SERVING_DISTANCE, SERVING_OUTPUT
 
 # The record in the model file's metadata.json (save_model writes it) and in the ONNX graph's
 # metadata_props (export writes it, JSON-encoded values).
@@ -34,7 +37,11 @@ DATASET_KEY = "wardrobe_dataset"
 SHAPE_KEY = "wardrobe_image_shape"
 EXPORTED_FROM_KEY = "wardrobe_exported_from"  # ONNX only: the SHA-256 of the model file it came from
 TEMPERATURE_KEY = "wardrobe_temperature"  # temperature scaling of the averaged probabilities (1: none)
-ACCEPT_KEY = "wardrobe_accept_threshold"  # a top probability below it: unlike the training data
+DISTANCE_KEY = "wardrobe_distance_threshold"  # a feature distance beyond it: unlike the training data
+# The Keras model file's zip also holds the training features' density (calibration.FeatureDensity)
+# the distance is measured with; the exported graphs hold it as constants and output the distance.
+DENSITY_ENTRY = "wardrobe_density.npz"
+OUTPUT_LAYER = "probabilities"  # model.build_model's last layer; its input is the features the distance measures
 
 
 @dataclass(frozen=True)
@@ -73,10 +80,10 @@ class ModelRecord:
     photo_fit: str  # how wardrobe-predict fits a photo to the training images (conf/data: photo_fit)
     dataset: str
     # train fits both on the validation split (stages/calibration.py): every reader of the file
-    # applies the temperature to the averaged probabilities, and flags a picture whose top
-    # (calibrated) probability is below the threshold. A file from before they existed: 1 and 0.
+    # applies the temperature to the averaged probabilities, and flags a picture whose feature
+    # distance is beyond the threshold. A file from before they existed: 1 and no flag.
     temperature: float = 1.0
-    accept_threshold: float = 0.0
+    distance_threshold: float | None = None
 
     def metadata(self) -> dict[str, Any]:
         return {
@@ -87,12 +94,12 @@ class ModelRecord:
             PHOTO_FIT_KEY: self.photo_fit,
             DATASET_KEY: self.dataset,
             TEMPERATURE_KEY: self.temperature,
-            ACCEPT_KEY: self.accept_threshold,
+            DISTANCE_KEY: self.distance_threshold,
         }
 
-    def unlike_training(self, probs: np.ndarray) -> np.ndarray:
-        """Per image: is its top probability below the acceptance threshold?"""
-        return unlike_training(probs, self.accept_threshold)
+    def unlike_training(self, distances: np.ndarray) -> np.ndarray:
+        """Per image: is its feature distance beyond the threshold?"""
+        return unlike_training(distances, self.distance_threshold)
 
 
 def parse_record(metadata: dict[str, Any], where: Path) -> ModelRecord:
@@ -112,9 +119,10 @@ def parse_record(metadata: dict[str, Any], where: Path) -> ModelRecord:
             f"{where}: the model file records no class names, image shape or views "
             "(saved by an older wardrobe); retrain it with `dvc repro train`"
         )
-    temperature, threshold = metadata.get(TEMPERATURE_KEY, 1.0), metadata.get(ACCEPT_KEY, 0.0)
-    if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in (temperature, threshold)) or not (
-        temperature > 0 and 0 <= threshold <= 1
+    temperature, threshold = metadata.get(TEMPERATURE_KEY, 1.0), metadata.get(DISTANCE_KEY)
+    numbers = [temperature] + ([threshold] if threshold is not None else [])
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in numbers) or not (
+        temperature > 0 and (threshold is None or threshold >= 0)
     ):
         raise WardrobeError(f"{where}: the model file records a temperature {temperature!r} or threshold {threshold!r}")
     return ModelRecord(
@@ -124,7 +132,7 @@ def parse_record(metadata: dict[str, Any], where: Path) -> ModelRecord:
         str(metadata.get(PHOTO_FIT_KEY, "resize")),
         str(metadata.get(DATASET_KEY, "")),
         float(temperature),
-        float(threshold),
+        float(threshold) if threshold is not None else None,
     )
 
 
@@ -152,18 +160,35 @@ def save_model(model: Any, path: Path, views: Views, dataset: DatasetInfo) -> No
     write_record(path, ModelRecord(views, dataset.class_names, dataset.image_shape, dataset.photo_fit, dataset.name))
 
 
-def record_calibration(path: Path, temperature: float, accept_threshold: float) -> None:
-    """Write the fitted temperature and acceptance threshold into a saved model file's record."""
-    write_record(
-        path, dataclasses.replace(read_record(path), temperature=temperature, accept_threshold=accept_threshold)
-    )
+def record_calibration(path: Path, temperature: float, density: FeatureDensity, distance_threshold: float) -> None:
+    """Write the fitted temperature, the training features' density and the distance threshold
+    into a saved model file."""
+    record = dataclasses.replace(read_record(path), temperature=temperature, distance_threshold=distance_threshold)
+    buffer = io.BytesIO()
+    np.savez(buffer, means=density.means, whitening=density.whitening)  # (np.savez's zip entries are undated)
+    write_record(path, record, {DENSITY_ENTRY: buffer.getvalue()})
 
 
-def write_record(path: Path, record: ModelRecord) -> None:
-    """Rewrite a saved model file with `record` in its metadata.json, no save date, and shared
-    objects numbered by order of appearance (renumbering twice changes nothing)."""
+def read_density(path: Path) -> FeatureDensity | None:
+    """The training features' density a model file holds (None: a file from before the flag)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            if DENSITY_ENTRY not in archive.namelist():
+                return None
+            with np.load(io.BytesIO(archive.read(DENSITY_ENTRY)), allow_pickle=False) as arrays:
+                return FeatureDensity(arrays["means"], arrays["whitening"])
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
+        raise WardrobeError(f"{path}: cannot read {DENSITY_ENTRY}: {complete_text(exc)}") from exc
+
+
+def write_record(path: Path, record: ModelRecord, extra: dict[str, bytes] | None = None) -> None:
+    """Rewrite a saved model file with `record` in its metadata.json, no save date, shared objects
+    numbered by order of appearance (renumbering twice changes nothing), and `extra` entries
+    (replacing any of the same name)."""
+    extra = extra or {}
     with zipfile.ZipFile(path) as archive:
-        entries = [(info, archive.read(info)) for info in archive.infolist()]
+        entries = [(info, archive.read(info)) for info in archive.infolist() if info.filename not in extra]
+    entries += [(zipfile.ZipInfo(name), data) for name, data in extra.items()]
     with zipfile.ZipFile(path, "w") as archive:
         for info, data in entries:
             if info.filename == "metadata.json":
@@ -219,6 +244,29 @@ def shifted(x: np.ndarray, dy: int, dx: int) -> np.ndarray:
     return out
 
 
+def feature_model(model: Any) -> Any:
+    """The trained model's last hidden layer (the input of its output layer) beside its output."""
+    import keras
+
+    return keras.Model(model.inputs, [model.get_layer(OUTPUT_LAYER).input, model.output])
+
+
+def feature_chunks(model: Any, x: ImageFile | np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
+    """The last hidden layer's values for the unmoved images (what the feature distance measures),
+    a batch of x at a time, in order. Batch by batch, not common.image_chunks' 64 MB: train runs it
+    over the whole training split, and a chunk of large pictures (with predict's copy of it) raised
+    train's peak RSS by ~220 MB over a small split's (tests/test_datasets.py, 64×64 RGB)."""
+    features = feature_model(model)  # once: a model per call would retrace its function each time
+    for start in range(0, len(x), batch_size):
+        yield np.asarray(features.predict_on_batch(np.asarray(x[start : start + batch_size]))[0])
+
+
+def plain_features(model: Any, x: ImageFile | np.ndarray, batch_size: int) -> np.ndarray:
+    """feature_chunks, concatenated: N×features."""
+    parts = list(feature_chunks(model, x, batch_size))
+    return np.concatenate(parts) if parts else np.zeros((0, model.get_layer(OUTPUT_LAYER).input.shape[-1]), np.float32)
+
+
 def predict_proba(model: Any, x: ImageFile | np.ndarray, batch_size: int, views: Views) -> np.ndarray:
     """Class probabilities of a Keras model: the mean over the views.
 
@@ -242,6 +290,8 @@ class Classifier(Protocol):
 
     def predict_proba(self, x: ImageFile | np.ndarray, batch_size: int) -> np.ndarray: ...
 
+    def classify(self, x: ImageFile | np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]: ...
+
 
 @dataclass(frozen=True)
 class KerasClassifier:
@@ -249,10 +299,21 @@ class KerasClassifier:
 
     model: Any
     record: ModelRecord
+    density: FeatureDensity | None = None
 
     @property
     def views(self) -> Views:
         return self.record.views
+
+    def classify(self, x: ImageFile | np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+        """The calibrated probabilities and the feature distances (what the exported graphs output)."""
+        return self.predict_proba(x, batch_size), self.distances(x, batch_size)
+
+    def distances(self, x: ImageFile | np.ndarray, batch_size: int) -> np.ndarray:
+        """Per image, the feature distance from the training images (0 for a file without density)."""
+        if self.density is None:
+            return np.zeros(len(x), np.float32)
+        return self.density.distance(plain_features(self.model, x, batch_size)).astype(np.float32)
 
     def predict_proba(self, x: ImageFile | np.ndarray, batch_size: int) -> np.ndarray:
         """The calibrated probabilities (what the exported graphs compute)."""
@@ -265,22 +326,29 @@ class KerasClassifier:
 
 def load_keras_classifier(path: Path) -> KerasClassifier:
     record = read_record(path)
-    return KerasClassifier(load_model(path, record), record)
+    return KerasClassifier(load_model(path, record), record, read_density(path))
 
 
 @dataclass(frozen=True)
 class OnnxClassifier:
-    """The exported ONNX graph: the views and the temperature are inside it and the record in its
-    metadata, so this is the whole model."""
+    """The exported ONNX graph: the views, the temperature and the feature distance are inside it
+    and the record in its metadata, so this is the whole model."""
 
     session: Any  # onnxruntime.InferenceSession
     record: ModelRecord
     exported_from: str = ""  # SHA-256 of the Keras model file export converted ("" if unrecorded)
 
     def predict_proba(self, x: ImageFile | np.ndarray, batch_size: int) -> np.ndarray:
+        return self._run([SERVING_OUTPUT], x, batch_size)[0]
+
+    def classify(self, x: ImageFile | np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+        probs, distances = self._run([SERVING_OUTPUT, SERVING_DISTANCE], x, batch_size)
+        return probs, distances
+
+    def _run(self, outputs: list[str], x: ImageFile | np.ndarray, batch_size: int) -> list[np.ndarray]:
         name = self.session.get_inputs()[0].name
-        batches = [self.session.run(None, {name: x[i : i + batch_size]})[0] for i in range(0, len(x), batch_size)]
-        return np.concatenate(batches)
+        batches = [self.session.run(outputs, {name: x[i : i + batch_size]}) for i in range(0, len(x), batch_size)]
+        return [np.concatenate([batch[k] for batch in batches]) for k in range(len(outputs))]
 
 
 def load_onnx_classifier(path: Path) -> OnnxClassifier:
@@ -305,18 +373,23 @@ def load_onnx_classifier(path: Path) -> OnnxClassifier:
     record = parse_record(metadata, path)
     inputs, outputs = session.get_inputs(), session.get_outputs()
     classes = len(record.class_names)
+    shapes = {output.name: list(output.shape[1:]) for output in outputs}
     if (
         len(inputs) != 1
         or inputs[0].type != "tensor(float)"
         or list(inputs[0].shape[1:]) != list(record.image_shape)
-        or len(outputs) != 1
-        or list(outputs[0].shape[1:]) != [classes]
+        or shapes != {SERVING_OUTPUT: [classes], SERVING_DISTANCE: []}
     ):
         found = (
-            ", ".join(f"{i.name} {i.type} {i.shape}" for i in inputs) + " → " + ", ".join(str(o.shape) for o in outputs)
+            ", ".join(f"{i.name} {i.type} {i.shape}" for i in inputs)
+            + " → "
+            + ", ".join(f"{o.name} {o.shape}" for o in outputs)
         )
         shape = shape_text(record.image_shape)
-        raise WardrobeError(f"{path}: ONNX model maps {found}, expected float N×{shape} to N×{classes}")
+        raise WardrobeError(
+            f"{path}: ONNX model maps {found}, expected float N×{shape} to {SERVING_OUTPUT} N×{classes} "
+            f"and {SERVING_DISTANCE} N (re-export it: `dvc repro export`)"
+        )
     return OnnxClassifier(session, record, str(metadata.get(EXPORTED_FROM_KEY, "")))
 
 

@@ -54,12 +54,33 @@ MODEL_CARD = Path("metrics/model_card.md")  # card: written from the run's own f
 # export: the serving layout and the parity gate (export enforces it, the card states it, validate
 # checks metrics/export.json against it).
 SERVING_VERSION = "1"  # TF Serving loads the highest numbered folder under its model base path
-SERVING_INPUT, SERVING_OUTPUT = "image", "probabilities"
+# the exported graphs' input and outputs (export.serving_model; the ONNX classifier reads them by name)
+SERVING_INPUT, SERVING_OUTPUT, SERVING_DISTANCE = "image", "probabilities", "distance"
 PARITY_TOP1 = 0.9995  # share of test images whose top-1 class must equal the Keras model's
 PARITY_ATOL = 1e-4  # largest allowed difference of any probability
 EXPORT_FORMATS = ("saved_model", "onnx")
 EXPORT_KEYS = ("test_images", "tta_views", "keras_accuracy", *EXPORT_FORMATS)  # metrics/export.json
-FORMAT_KEYS = ("top1_agreement", "max_abs_diff", "accuracy")  # each format's entry (onnx adds `opset`)
+# each format's entry (onnx adds `opset`): parity with the Keras model on the test images (its top-1
+# class, its probabilities, its unlike-the-training-data flags) and the format's own accuracy
+FORMAT_KEYS = ("top1_agreement", "max_abs_diff", "flag_agreement", "accuracy")
+
+
+def parity_problem(name: str, entry: dict[str, float]) -> str | None:
+    """The parity gate, defined once (export refuses to write, validate fails): what is outside it."""
+    if (
+        entry["top1_agreement"] >= PARITY_TOP1
+        and entry["max_abs_diff"] <= PARITY_ATOL
+        and entry["flag_agreement"] >= PARITY_TOP1
+    ):
+        return None
+    return (
+        f"{name} disagrees with the Keras model on the test images: top-1 agreement "
+        f"{entry['top1_agreement']:.4%} (needs {PARITY_TOP1:.2%}), largest probability difference "
+        f"{entry['max_abs_diff']:.2e} (allowed {PARITY_ATOL:.0e}), unlike-the-training-data flags agreeing "
+        f"{entry['flag_agreement']:.4%} (needs {PARITY_TOP1:.2%})"
+    )
+
+
 # train's metrics/environment.json: flat strings and numbers, one line each in `dvc metrics diff`.
 ENVIRONMENT_KEYS = (
     "python",
@@ -115,8 +136,9 @@ DIGITS = 6  # metrics and CSV floats are rounded to this many decimals
 class Predictions:
     """What the metrics are computed from: the (calibrated) class probabilities and true labels of
     both splits, the names of the classes (the probabilities' columns), the test probabilities
-    before the temperature, the model file's temperature and acceptance threshold, and the
-    calibrated probabilities of the out-of-distribution set (calibration.scrambled test images)."""
+    before the temperature, the model file's temperature and distance threshold, and the feature
+    distances of the test images and of the out-of-distribution set (calibration.scrambled test
+    images)."""
 
     test_probs: np.ndarray
     y_test: np.ndarray
@@ -125,8 +147,9 @@ class Predictions:
     class_names: tuple[str, ...]
     test_uncalibrated: np.ndarray
     temperature: float
-    accept_threshold: float
-    ood_probs: np.ndarray
+    distance_threshold: float | None
+    test_distances: np.ndarray
+    ood_distances: np.ndarray
 
     def per_class(self) -> pd.DataFrame:
         cm = confusion_matrix(self.y_test, self.test_probs.argmax(axis=1), len(self.class_names))
@@ -152,9 +175,9 @@ def cross_entropy(probs: np.ndarray, y_true: np.ndarray) -> float:
     return float(-np.mean(np.log(picked)))
 
 
-def accepted(probs: np.ndarray, threshold: float) -> float:
-    """The share of images whose top probability reaches the acceptance threshold."""
-    return 1 - float(np.mean(unlike_training(probs, threshold))) if len(probs) else 0.0
+def accepted(distances: np.ndarray, threshold: float | None) -> float:
+    """The share of images whose feature distance is within the threshold (not flagged)."""
+    return 1 - float(np.mean(unlike_training(distances, threshold))) if len(distances) else 0.0
 
 
 # In this order in metrics.json, so in `dvc exp show`'s first metric columns (evaluate's metrics
@@ -162,7 +185,7 @@ def accepted(probs: np.ndarray, threshold: float) -> float:
 # loss is the test NLL of the probabilities every format serves (calibrated); ece and
 # ece_uncalibrated the expected calibration error with and without the temperature; accepted the
 # share of test images the "unlike the training data" flag lets through, ood_rejected the share of
-# the out-of-distribution set it flags, ood_auroc how well the top probability separates the two.
+# the out-of-distribution set it flags, ood_auroc how well the feature distance separates the two.
 HEADLINE_METRICS: dict[str, Metric] = {
     "accuracy": Metric(lambda p: accuracy(p.test_probs, p.y_test)),
     "macro_f1": Metric(lambda p: float(p.per_class()["f1"].mean())),
@@ -172,9 +195,9 @@ HEADLINE_METRICS: dict[str, Metric] = {
     "ece_uncalibrated": Metric(lambda p: ece(p.test_uncalibrated, p.y_test)),
     "brier": Metric(lambda p: brier(p.test_probs, p.y_test), high=2.0),
     "temperature": Metric(lambda p: p.temperature, low=TEMPERATURE_RANGE[0], high=TEMPERATURE_RANGE[1]),
-    "accepted": Metric(lambda p: accepted(p.test_probs, p.accept_threshold)),
-    "ood_rejected": Metric(lambda p: 1 - accepted(p.ood_probs, p.accept_threshold)),
-    "ood_auroc": Metric(lambda p: auroc(p.test_probs.max(axis=1), p.ood_probs.max(axis=1))),
+    "accepted": Metric(lambda p: accepted(p.test_distances, p.distance_threshold)),
+    "ood_rejected": Metric(lambda p: 1 - accepted(p.ood_distances, p.distance_threshold)),
+    "ood_auroc": Metric(lambda p: auroc(-p.test_distances, -p.ood_distances)),
 }
 
 

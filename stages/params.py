@@ -193,8 +193,8 @@ class TrainParams:
     # After training: fit one temperature on the validation split (stages/calibration.py) so the
     # probabilities mean what they say; saved in the model file, applied by every format.
     calibrate: bool
-    # The top probability below which a picture is flagged as unlike the training data: the one
-    # this share of validation images reaches (saved in the model file).
+    # The feature distance beyond which a picture is flagged as unlike the training data: the one
+    # this share of validation images stays within (calibration.FeatureDensity; saved in the model file).
     accept_fraction: float = field(metadata=FRACTION)
 
     def __post_init__(self) -> None:

@@ -197,10 +197,11 @@ def load(runtime: str, model: Path | None) -> Classifier:
     return load_keras_classifier(model or project_file(MODEL_PATH))
 
 
-def predict(classifier: Classifier, items: list[Item], batch_size: int) -> np.ndarray:
-    """Probabilities as evaluate computes them: the test-time augmentation the model file records."""
+def predict(classifier: Classifier, items: list[Item], batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Probabilities as evaluate computes them (the test-time augmentation and temperature the model
+    file records), and each picture's feature distance from the training images."""
     pixels = np.stack([item.pixels for item in items])
-    return classifier.predict_proba(pixels, batch_size)
+    return classifier.classify(pixels, batch_size)
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -239,9 +240,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 BLANK_NOTE = "  [blank: nothing left to classify after preprocessing; the answer means nothing]"
 
 
-def unlike_note(top: float, threshold: float) -> str:
-    """The human line's flag for a picture unlike the training data (calibration.accept_threshold)."""
-    return f"  [unlike the training data: top probability {top:.3f} is under {threshold:.3f}; the class may be wrong]"
+def unlike_note(distance: float, threshold: float | None) -> str:
+    """The human line's flag for a picture unlike the training data (calibration.unlike_training)."""
+    return (
+        f"  [unlike the training data: its features are {distance:.1f} from the training images' "
+        f"(over {threshold:.1f}); the class may be wrong]"
+    )
 
 
 def run(args: argparse.Namespace) -> None:
@@ -255,19 +259,21 @@ def run(args: argparse.Namespace) -> None:
         raise WardrobeError(f"--top-k {args.top_k}: the model knows {len(names)} classes")
     items = collect(args.paths, record)
     classifier = classifier or load(runtime, args.model)
-    probs = predict(classifier, items, args.batch_size)
-    unlike = record.unlike_training(probs)
-    for item, best, strange in zip(items, top_k(probs, args.top_k, names), unlike.tolist(), strict=True):
+    probs, distances = predict(classifier, items, args.batch_size)
+    unlike = record.unlike_training(distances)
+    answers = zip(items, top_k(probs, args.top_k, names), distances.tolist(), unlike.tolist(), strict=True)
+    for item, best, distance, strange in answers:
         if args.json:
             answer = {
                 "path": item.label,
                 "top_k": [{"class": c, "probability": round(p, 6)} for c, p in best],
                 "blank": item.blank,
                 "unlike_training": strange,
+                "distance": round(distance, 4),
             }
             print(json.dumps(answer))
         else:
-            note = BLANK_NOTE if item.blank else unlike_note(best[0][1], record.accept_threshold) if strange else ""
+            note = BLANK_NOTE if item.blank else unlike_note(distance, record.distance_threshold) if strange else ""
             print(f"{item.label}: " + ", ".join(f"{c} ({p:.3f})" for c, p in best) + note)
 
 

@@ -14,7 +14,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from stages.calibration import accept_threshold, calibrate, ece, fit_temperature, nll
+from stages.calibration import DensityFit, FeatureDensity, calibrate, distance_threshold, ece, fit_temperature, nll
 from stages.common import (
     ImageFile,
     WardrobeError,
@@ -36,7 +36,16 @@ from stages.distribute import (
 from stages.environment import choose_precision, compute_device, environment_record
 from stages.layers import ScaledBiasAdam, ScaledBiasAdamW, ScaledBiasSGD, WarmupLinearDecay
 from stages.model import build_model, initialize_convs
-from stages.modelfile import Views, decide_flip, load_model, predict_proba, record_calibration, save_model
+from stages.modelfile import (
+    Views,
+    decide_flip,
+    feature_chunks,
+    load_model,
+    plain_features,
+    predict_proba,
+    record_calibration,
+    save_model,
+)
 from stages.outputs import ENVIRONMENT_JSON, HISTORY_CSV, LIVE_DIR, MODEL_PATH, PREPARED_DIR
 from stages.params import TrainParams, load_section
 
@@ -295,23 +304,54 @@ def fit(
     return model
 
 
-def fit_calibration(
+def validation_temperature(
     model: keras.Model, val: tuple[ImageFile | np.ndarray, np.ndarray], views: Views, params: TrainParams
-) -> tuple[float, float]:
-    """The temperature (1 when train.calibrate is off) and the acceptance threshold, both from the
-    validation split only, on the probabilities as the model's views average them."""
+) -> tuple[float, np.ndarray]:
+    """The temperature (1 when train.calibrate is off) fitted on the validation split, on the
+    probabilities as the model's views average them; and those probabilities."""
     # At training's batch size: the memory training needed is enough (a larger batch of large
     # pictures would raise the stage's peak above the fit's).
     raw = predict_proba(model, val[0], params.batch_size, views)
-    temperature = fit_temperature(raw, val[1]) if params.calibrate else 1.0
+    return (fit_temperature(raw, val[1]) if params.calibrate else 1.0), raw
+
+
+def fit_calibration(
+    model: keras.Model,
+    train: tuple[ImageFile | np.ndarray, np.ndarray],
+    val: tuple[ImageFile | np.ndarray, np.ndarray],
+    views: Views,
+    params: TrainParams,
+) -> tuple[float, FeatureDensity, float]:
+    """The validation temperature; the training images' feature density; and the feature distance
+    `accept_fraction` of the validation images stay within."""
+    temperature, raw = validation_temperature(model, val, views, params)
     calibrated = calibrate(raw, temperature)
-    threshold = accept_threshold(calibrated, params.accept_fraction)
+    density = feature_density(model, train, raw.shape[1], params.batch_size)
+    threshold = distance_threshold(
+        density.distance(plain_features(model, val[0], params.batch_size)), params.accept_fraction
+    )
     print(
         f"train: temperature {temperature:g} (validation NLL {nll(raw, val[1]):.4f} → {nll(calibrated, val[1]):.4f}, "
-        f"ECE {ece(raw, val[1]):.4f} → {ece(calibrated, val[1]):.4f}); pictures with a top probability under "
-        f"{threshold:.4f} are flagged as unlike the training data ({params.accept_fraction:.0%} of validation passes)"
+        f"ECE {ece(raw, val[1]):.4f} → {ece(calibrated, val[1]):.4f}); pictures whose features are farther than "
+        f"{threshold:.4g} from the training images' are flagged as unlike the training data "
+        f"({params.accept_fraction:.0%} of validation passes)"
     )
-    return temperature, threshold
+    return temperature, density, threshold
+
+
+def feature_density(
+    model: keras.Model, train: tuple[ImageFile | np.ndarray, np.ndarray], classes: int, batch_size: int
+) -> FeatureDensity:
+    """The training images' features (unmoved, as predict sees a picture) as class means and shared
+    covariance, a chunk of images at a time."""
+    images, labels = train
+    fit_state, start = None, 0
+    for features in feature_chunks(model, images, batch_size):
+        fit_state = fit_state or DensityFit(classes, features.shape[1])
+        fit_state.add(features, labels[start : start + len(features)])
+        start += len(features)
+    assert fit_state is not None, "a split has images (prepare refuses an empty one)"
+    return fit_state.result()
 
 
 def main() -> None:
@@ -342,7 +382,7 @@ def main() -> None:
         save_model(model, model_tmp, views, dataset)
         # Calibrated on the model as saved and loaded, outside any distribution strategy: under
         # several workers the model in memory would predict only this worker's share.
-        record_calibration(model_tmp, *fit_calibration(load_model(model_tmp), val, views, params))
+        record_calibration(model_tmp, *fit_calibration(load_model(model_tmp), train, val, views, params))
         record = environment_record(device, precision, reason, strategy.num_replicas_in_sync)
         environment_tmp.write_text(json.dumps(record, indent=2) + "\n")
     print(f"train: wrote {MODEL_PATH}, {HISTORY_CSV}, {ENVIRONMENT_JSON} and {LIVE_DIR}/")

@@ -42,12 +42,11 @@ from stages.outputs import (
     HEADLINE_METRICS,
     HISTORY_CSV,
     METRICS_PATH,
-    PARITY_ATOL,
-    PARITY_TOP1,
     PER_CLASS_CSV,
     PNGS,
     PREPARED_DIR,
     STAGE_OUTPUTS,
+    parity_problem,
 )
 from stages.params import CONF_DIR, PARAMS_FILE, ValidateParams, compose, disagreements, load_params
 from stages.plumbing import file_at, find_tool
@@ -103,11 +102,8 @@ def check_export(report: Any) -> list[str]:
         missing = [key for key in FORMAT_KEYS if not isinstance(entry, dict) or key not in entry]
         if missing:
             problems.append(f"{EXPORT_JSON}: {name} lacks {', '.join(missing)}")
-        elif entry["top1_agreement"] < PARITY_TOP1 or not entry["max_abs_diff"] <= PARITY_ATOL:
-            problems.append(
-                f"{EXPORT_JSON}: {name} parity {entry['top1_agreement']:.4%} top-1, "
-                f"{entry['max_abs_diff']:.1e} max difference is outside the gate ({PARITY_TOP1:.2%}, {PARITY_ATOL:.0e})"
-            )
+        elif problem := parity_problem(name, entry):
+            problems.append(f"{EXPORT_JSON}: {problem}")
     return problems
 
 

@@ -7,15 +7,17 @@ import numpy as np
 import pytest
 
 from stages.calibration import (
-    accept_threshold,
+    DensityFit,
     auroc,
     brier,
     calibrate,
+    distance_threshold,
     ece,
     fit_temperature,
     nll,
     reliability,
     scrambled,
+    unlike_training,
 )
 
 
@@ -68,10 +70,48 @@ def test_ece_brier_and_reliability_on_known_values() -> None:
     assert brier(np.array([[1.0, 0.0], [0.5, 0.5]]), np.array([0, 1])) == pytest.approx((0 + 0.5) / 2)
 
 
-def test_accept_threshold_lets_the_fraction_through() -> None:
-    probs = softmax(np.random.default_rng(3).normal(0, 2, (1000, 10)))
-    threshold = accept_threshold(probs, 0.95)
-    assert np.mean(probs.max(axis=1) >= threshold) == pytest.approx(0.95, abs=0.002)
+def gaussian_classes(count: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Features of 3 classes in 4 dimensions: class means far apart, one shared, skewed covariance."""
+    rng = np.random.default_rng(seed)
+    means = np.array([[0, 0, 0, 0], [20, 0, 0, 0], [0, 20, 5, 0]], float)
+    mixing = np.array([[3, 0, 0, 0], [1, 0.5, 0, 0], [0, 0, 2, 0], [0, 0, 1, 0.1]])
+    labels = rng.integers(0, 3, count)
+    return means[labels] + rng.normal(size=(count, 4)) @ mixing.T, labels, means, mixing @ mixing.T
+
+
+def test_feature_density_measures_mahalanobis_distance() -> None:
+    features, labels, means, covariance = gaussian_classes(20_000, seed=5)
+    fit = DensityFit(3, 4)
+    for start in range(0, len(features), 7000):  # chunk by chunk, as train feeds it
+        fit.add(features[start : start + 7000], labels[start : start + 7000])
+    density = fit.result()
+    np.testing.assert_allclose(density.means, means, atol=0.1)
+    # whitened, the features have identity covariance: the fit found the shared covariance
+    white = (features - density.means[labels]) @ density.whitening
+    np.testing.assert_allclose(np.cov(white, rowvar=False), np.eye(4), atol=0.03)
+    # a point's distance is the Mahalanobis distance to its nearest class mean
+    point = means[1] + np.array([0.0, 0.5, 0.0, 0.1])
+    expected = np.sqrt((point - means[1]) @ np.linalg.inv(covariance) @ (point - means[1]))
+    assert density.distance(point[None])[0] == pytest.approx(expected, rel=0.02)
+    # in 4 dimensions the squared distance of an inside point is chi-square(4): 95 % stay under 9.49
+    fresh, _, _, _ = gaussian_classes(5000, seed=6)
+    threshold = distance_threshold(density.distance(fresh), 0.95)
+    assert threshold == pytest.approx(np.sqrt(9.488), rel=0.03)
+    assert np.mean(unlike_training(density.distance(fresh), threshold)) == pytest.approx(0.05, abs=0.002)
+    # a point off the classes' thin direction is far in Mahalanobis terms, near in Euclidean ones
+    odd = means[0] + np.array([0.0, 0.0, 0.0, 1.0])
+    assert unlike_training(density.distance(odd[None]), threshold).tolist() == [True]
+    assert unlike_training(density.distance(fresh[:3]), None).tolist() == [False] * 3  # no threshold: no flag
+
+
+def test_feature_density_of_constant_features_is_finite() -> None:
+    """A feature that never varies (a dead ReLU) gets the ridge, not a division by zero."""
+    features = np.zeros((50, 3))
+    features[:, 0] = np.random.default_rng(7).normal(size=50)
+    fit = DensityFit(2, 3)
+    fit.add(features, np.arange(50) % 2)
+    distances = fit.result().distance(features)
+    assert np.all(np.isfinite(distances)) and distances.max() < 10
 
 
 def test_auroc() -> None:

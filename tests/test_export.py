@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -15,7 +16,7 @@ import pandas as pd
 import pytest
 
 from stages.common import WardrobeError
-from stages.modelfile import load_keras_classifier, load_model
+from stages.modelfile import KerasClassifier, Views, load_keras_classifier, load_model
 from stages.outputs import EXPORT_JSON, MODEL_PATH, ONNX_PATH, SAVED_MODEL_DIR
 from tests.conftest import FASHION_RECORD, REPO, run_module, sh
 
@@ -60,10 +61,11 @@ def test_both_formats_match_keras_within_the_stated_parity(tiny_run: Path) -> No
     x_test = np.load(tiny_run / "data/prepared/x_test.npy")
 
     session = onnxruntime.InferenceSession(str(tiny_run / ONNX_PATH), providers=["CPUExecutionProvider"])
-    (image,), (probabilities,) = session.get_inputs(), session.get_outputs()
+    (image,) = session.get_inputs()
     assert (image.name, image.shape, image.type) == ("image", ["batch", 28, 28], "tensor(float)")
-    assert (probabilities.name, probabilities.shape) == ("probabilities", ["batch", 10])
-    onnx_probs = session.run(None, {"image": x_test})[0]
+    outputs = {output.name: output.shape for output in session.get_outputs()}
+    assert outputs == {"probabilities": ["batch", 10], "distance": ["batch"]}
+    onnx_probs = session.run(["probabilities"], {"image": x_test})[0]
 
     signature = tf.saved_model.load(str(tiny_run / SAVED_MODEL_DIR / "1")).signatures["serving_default"]
     saved_probs = signature(image=tf.constant(x_test))["probabilities"].numpy()
@@ -72,7 +74,7 @@ def test_both_formats_match_keras_within_the_stated_parity(tiny_run: Path) -> No
         difference = float(np.abs(probs - reference).max())
         assert difference <= 1e-4, name
         assert (probs.argmax(1) == reference.argmax(1)).all(), name
-        assert report[name]["top1_agreement"] == 1.0
+        assert report[name]["top1_agreement"] == 1.0 and report[name]["flag_agreement"] == 1.0
         assert report[name]["max_abs_diff"] == pytest.approx(difference, abs=1e-6)
     # The views matter: without them the model's own output is further from the TTA answer.
     assert np.abs(load_model(tiny_run / MODEL_PATH).predict(x_test, verbose=0) - onnx_probs).max() > 1e-3
@@ -93,16 +95,19 @@ def test_a_graph_that_breaks_parity_is_refused_and_the_previous_export_stays(
     before[work / EXPORT_JSON] = (work / EXPORT_JSON).read_bytes()
     monkeypatch.chdir(work)
 
-    def without_views(classifier: object) -> keras.Model:
-        model = classifier.model
-        return keras.Model(model.inputs, {"probabilities": model.outputs[0]})
+    serving_model = stages.export.serving_model
+
+    def without_views(classifier: KerasClassifier) -> keras.Model:
+        record = dataclasses.replace(classifier.record, views=Views(flip=False))
+        return serving_model(dataclasses.replace(classifier, record=record))
 
     monkeypatch.setattr(stages.export, "serving_model", without_views)
     with pytest.raises(WardrobeError) as error:
         stages.export.main()
     assert re.fullmatch(
         r"export: saved_model disagrees with the Keras model on the test images: top-1 agreement \d+\.\d{4}% "
-        r"\(needs 99\.95%\), largest probability difference \d\.\d\de-\d\d \(allowed 1e-04\); nothing was exported",
+        r"\(needs 99\.95%\), largest probability difference \d\.\d\de-\d\d \(allowed 1e-04\), "
+        r"unlike-the-training-data flags agreeing 100\.0000% \(needs 99\.95%\); nothing was exported",
         str(error.value),
     )
     after = {p: p.read_bytes() for p in (work / "data/export").rglob("*") if p.is_file()}
@@ -134,7 +139,8 @@ def test_onnx_predict_gives_the_keras_answers_on_the_exported_pngs(tiny_run: Pat
         (b"not an onnx file", "error: {path}: cannot load ONNX model: "),
         (
             "wrong-shape",
-            "error: {path}: ONNX model maps x tensor(float) ['n', 3] → ['n', 3], expected float N×28×28 to N×10",
+            "error: {path}: ONNX model maps x tensor(float) ['n', 3] → y ['n', 3], expected float N×28×28 to "
+            "probabilities N×10 and distance N (re-export it: `dvc repro export`)",
         ),
         ("no-record", "error: {path}: the model file records no class names, image shape or views"),
     ],
@@ -192,16 +198,17 @@ def test_predict_runs_without_tensorflow_in_the_documented_install(tiny_run: Pat
 
 @pytest.mark.pipeline
 def test_the_recorded_temperature_is_inside_the_exported_graphs(tiny_run: Path) -> None:
-    """train fitted a temperature on the validation split and recorded it with the threshold; the
-    ONNX file carries both in its metadata and applies the temperature in its graph (the
-    SavedModel's parity with the calibrated Keras answers is the test above): same top-1 answers,
-    other probabilities."""
+    """train fitted a temperature on the validation split and recorded it with the distance
+    threshold; the ONNX file carries both in its metadata and applies the temperature in its graph
+    (the SavedModel's parity with the calibrated Keras answers is the test above): same top-1
+    answers, other probabilities. Its distances are the Keras classifier's (the model file's
+    density, as constants in the graph), and 95 % of validation stays within the threshold."""
     from stages.calibration import calibrate
     from stages.modelfile import load_onnx_classifier
 
     keras_classifier = load_keras_classifier(tiny_run / MODEL_PATH)
     record = keras_classifier.record
-    assert record.temperature != 1.0 and 0 < record.accept_threshold < 1
+    assert record.temperature != 1.0 and record.distance_threshold > 0 and keras_classifier.density is not None
     onnx_classifier = load_onnx_classifier(tiny_run / ONNX_PATH)
     assert onnx_classifier.record == record
     x_test = np.load(tiny_run / "data/prepared/x_test.npy")
@@ -210,3 +217,8 @@ def test_the_recorded_temperature_is_inside_the_exported_graphs(tiny_run: Path) 
     np.testing.assert_allclose(served, calibrate(uncalibrated, record.temperature), atol=1e-4)
     assert np.abs(served - uncalibrated).max() > 1e-3
     assert (served.argmax(axis=1) == uncalibrated.argmax(axis=1)).all()
+    _, served_distances = onnx_classifier.classify(x_test, 64)
+    np.testing.assert_allclose(served_distances, keras_classifier.distances(x_test, 64), rtol=1e-4)
+    x_val = np.load(tiny_run / "data/prepared/x_val.npy")
+    within = np.mean(onnx_classifier.classify(x_val, 64)[1] <= record.distance_threshold)
+    assert within == pytest.approx(0.95, abs=1 / len(x_val) + 1e-6)

@@ -59,13 +59,15 @@ def test_compute_metrics_document() -> None:
     probs[np.arange(15), y[:15]] += 5  # 15 of 20 right
     probs[np.arange(15, 20), y[15:]] = 0  # the other 5 surely wrong
     probs /= probs.sum(axis=1, keepdims=True)
-    ood = np.full((8, 10), 0.1)  # every class equally likely: top probability 0.1
-    metrics = compute_metrics(Predictions(probs, y, probs[:10], y[:10], CLASS_NAMES, probs, 1.0, 0.3, ood))
+    distances = np.arange(20, dtype=np.float32)  # 0..19: 16 of them within 15
+    ood = np.array([14.0, 30, 40, 50])  # one within 15; all but it beyond every test image
+    metrics = compute_metrics(Predictions(probs, y, probs[:10], y[:10], CLASS_NAMES, probs, 1.0, 15.0, distances, ood))
     assert metrics["accuracy"] == 0.75 and metrics["val_accuracy"] == 1.0
     assert metrics["ece"] == metrics["ece_uncalibrated"] == pytest.approx(ece(probs, y), abs=1e-6)
     assert metrics["brier"] == pytest.approx(brier(probs, y), abs=1e-6) and metrics["temperature"] == 1.0
-    assert metrics["accepted"] == pytest.approx(np.mean(probs.max(axis=1) >= 0.3), abs=1e-6)
-    assert metrics["ood_rejected"] == 1.0 and metrics["ood_auroc"] == 1.0  # every test image is above 0.1
+    assert metrics["accepted"] == 0.8 and metrics["ood_rejected"] == 0.75
+    # AUROC of the distance: 14 is farther than 14 test images (0..13), ties one (half), the rest beyond all
+    assert metrics["ood_auroc"] == pytest.approx((14.5 + 3 * 20) / 80, abs=1e-6)
     assert list(metrics["per_class"]) == list(CLASS_NAMES)
     assert set(metrics["per_class"]["Shirt"]) == {"precision", "recall", "f1"}
     assert list(metrics) == [*HEADLINE_METRICS, "per_class"]

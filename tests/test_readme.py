@@ -434,7 +434,8 @@ def _as_shown(clone: Clone, command: Command) -> None:
     for line, shown in zip(lines, command.output, strict=True):
         if shown.startswith("{"):
             got, want = json.loads(line), json.loads(shown)
-            assert got["path"] == want["path"] and len(got["top_k"]) == len(want["top_k"])
+            assert got.keys() == want.keys() and got["path"] == want["path"]
+            assert len(got["top_k"]) == len(want["top_k"])
             assert all(entry["class"] in CLASS_NAMES for entry in got["top_k"])
             probabilities = [entry["probability"] for entry in got["top_k"]]
             assert probabilities == sorted(probabilities, reverse=True)

@@ -54,9 +54,9 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.pipeline
 def test_a_picture_unlike_the_training_data_is_flagged_and_a_test_image_is_not(project: Path, tmp_path: Path) -> None:
-    """The model file's threshold (95 % of validation passes) in both outputs, under both runtimes:
-    the test image the model is surest of passes; the same image with its pixels scrambled (the
-    same brightness, no shape) is flagged."""
+    """The model file's distance threshold (95 % of validation passes) in both outputs, under both
+    runtimes: the test image the model is surest of passes; the same image with its pixels scrambled
+    (the same brightness, no shape) is flagged, its distance beyond the threshold."""
     x_test = np.load(project / "data/prepared/x_test.npy")
     classifier = load_keras_classifier(project / MODEL_PATH)
     surest = int(classifier.predict_proba(x_test, 64).max(axis=1).argmax())
@@ -67,9 +67,11 @@ def test_a_picture_unlike_the_training_data_is_flagged_and_a_test_image_is_not(p
         assert result.returncode == 0, result.stderr
         answers = [json.loads(line) for line in result.stdout.splitlines()]
         assert [a["unlike_training"] for a in answers] == [False, True], answers
+        threshold = classifier.record.distance_threshold
+        assert answers[0]["distance"] <= threshold < answers[1]["distance"], answers
     human = run_module("stages.predict", odd, cwd=project).stdout.splitlines()
     assert "unlike the training data" not in human[0]
-    assert human[1].endswith(f"is under {classifier.record.accept_threshold:.3f}; the class may be wrong]"), human
+    assert human[1].endswith(f"(over {threshold:.1f}); the class may be wrong]"), human
 
 
 @pytest.mark.pipeline

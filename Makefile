@@ -148,7 +148,7 @@ report: venv
 # Register a model version the way GTO does: an annotated tag <artifact>@vX.Y.Z, which is how
 # `dvc artifacts get` finds versions. Push the tag (and `dvc push` the model) to publish it.
 # The Keras model and its exported formats are released together, one tag per artifact.
-ARTIFACTS := fashion-classifier fashion-classifier-onnx fashion-classifier-savedmodel
+ARTIFACTS := classifier classifier-onnx classifier-savedmodel
 release:
 	@echo "$(VERSION)" | grep -Eq '^[0-9]+\.[0-9]+\.[0-9]+$$' || { echo "usage: make release VERSION=x.y.z" >&2; exit 2; }
 	for artifact in $(ARTIFACTS); do git tag -a "$$artifact@v$(VERSION)" -m "$$artifact v$(VERSION)" || exit 1; done

@@ -48,7 +48,7 @@ from stages.outputs import (
 )
 from stages.params import PARAMS_FILE, DataParams, PrepareParams, TrainParams, load_section
 
-ARTIFACT = "fashion-classifier"
+ARTIFACT = "classifier"
 TEMPLATE = Path(__file__).with_name("card.md")  # str.format fields: render's `fields`
 TOP_CONFUSIONS = 5
 # A class whose predictions' mean top probability and precision differ by more is named in the card.

@@ -58,7 +58,7 @@ class Views:
         return [(dy, dx, mirror) for dy, dx in moves for mirror in ((False, True) if self.flip else (False,))]
 
     def __len__(self) -> int:
-        return (5 if self.shift else 1) * (2 if self.flip else 1)
+        return len(self.offsets())
 
 
 def decide_flip(trained_with_flips: bool, setting: str) -> bool:
@@ -155,9 +155,28 @@ def save_model(model: Any, path: Path, views: Views, dataset: DatasetInfo) -> No
 
     Keras writes the save time into metadata.json, numbers shared objects in config.json by
     their memory address, and dates zip entries with the clock; the weights are already exact.
+    The file holds Keras' own layers only (keras_only), so any Keras 3 opens it.
     """
-    model.save(path)
+    keras_only(model).save(path)
     write_record(path, ModelRecord(views, dataset.class_names, dataset.image_shape, dataset.photo_fit, dataset.name))
+
+
+def keras_only(model: Any) -> Any:
+    """The trained model with Keras' own layers only, uncompiled: each FusedBatchNormalization (a
+    training-speed subclass, layers.py) becomes the BatchNormalization it computes at inference,
+    with the same weights, and no optimizer is saved (the file is for predicting; the project's
+    optimizers and schedules would need its code to load). Same predictions, bit for bit."""
+    import keras
+
+    from stages.layers import FusedBatchNormalization
+
+    def clone(layer: Any) -> Any:
+        kind = keras.layers.BatchNormalization if type(layer) is FusedBatchNormalization else type(layer)
+        return kind.from_config(layer.get_config())
+
+    cloned = keras.models.clone_model(model, clone_function=clone)  # (compiled like the original)
+    cloned.set_weights(model.get_weights())
+    return keras.Model(cloned.input, cloned.output, name=cloned.name)  # the same layers, uncompiled
 
 
 def record_calibration(path: Path, temperature: float, density: FeatureDensity, distance_threshold: float) -> None:

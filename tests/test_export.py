@@ -9,6 +9,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ import pytest
 
 from stages.common import WardrobeError
 from stages.modelfile import KerasClassifier, Views, load_keras_classifier, load_model
-from stages.outputs import EXPORT_JSON, MODEL_PATH, ONNX_PATH, SAVED_MODEL_DIR
+from stages.outputs import EXPORT_JSON, MODEL_CARD, MODEL_PATH, ONNX_PATH, SAVED_MODEL_DIR
 from tests.conftest import FASHION_RECORD, REPO, run_module, sh
 
 
@@ -113,6 +114,31 @@ def test_a_graph_that_breaks_parity_is_refused_and_the_previous_export_stays(
     after = {p: p.read_bytes() for p in (work / "data/export").rglob("*") if p.is_file()}
     after[work / EXPORT_JSON] = (work / EXPORT_JSON).read_bytes()
     assert after == before  # no temp files left either
+
+
+@pytest.mark.pipeline
+def test_the_model_file_opens_in_plain_keras_with_the_cards_lines(tiny_run: Path, tmp_path: Path) -> None:
+    """The card's Python block, run where wardrobe is not importable (only Keras reads the file,
+    default safe mode): every layer is Keras' own and the probabilities are wardrobe's loader's."""
+    card = (tiny_run / MODEL_CARD).read_text()
+    block = re.search(r"```python\n(.*?)```", card, re.DOTALL)
+    assert block and 'keras.models.load_model("data/model/model.keras")' in block.group(1), card
+    script = "\n".join(
+        [
+            "import sys",
+            'sys.modules["stages"] = None  # wardrobe cannot be imported',
+            "import numpy as np",
+            f"images = np.load({str(tiny_run / 'data/prepared/x_test.npy')!r})",
+            block.group(1),
+            f"np.save({str(tmp_path / 'plain.npy')!r}, probabilities)",
+            'print(", ".join(sorted({type(layer).__module__.split(".")[0] for layer in model.layers})))',
+        ]
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tiny_run)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "keras"  # every layer is Keras' own
+    expected = load_model(tiny_run / MODEL_PATH).predict(np.load(tiny_run / "data/prepared/x_test.npy"), verbose=0)
+    np.testing.assert_array_equal(np.load(tmp_path / "plain.npy"), expected)
 
 
 @pytest.mark.pipeline

@@ -378,16 +378,16 @@ def _make_ci(clone: Clone, command: Command) -> None:
 def _release(clone: Clone, command: Command) -> None:
     _ok(clone.run(command))
     assert sh(clone.path, "git", "tag", "-l").stdout.split() == [
-        "fashion-classifier-onnx@v1.0.0",
-        "fashion-classifier-savedmodel@v1.0.0",
-        "fashion-classifier@v1.0.0",
+        "classifier-onnx@v1.0.0",
+        "classifier-savedmodel@v1.0.0",
+        "classifier@v1.0.0",
     ]
 
 
 def _publish(clone: Clone, command: Command) -> None:
     _ok(clone.run(command))
     pushed = sh(clone.origin, "git", "tag", "-l").stdout.split()
-    assert {"fashion-classifier@v1.0.0", "fashion-classifier-onnx@v1.0.0"} <= set(pushed)
+    assert {"classifier@v1.0.0", "classifier-onnx@v1.0.0"} <= set(pushed)
 
 
 def _artifact_get(version: str, source: Path = MODEL_PATH) -> Callable[[Clone, Command], None]:
@@ -524,9 +524,9 @@ CHECKS: dict[str, Callable[[Clone, Command], None]] = {
     "make ci BASE=main": _make_ci,
     "make release VERSION=1.0.0": _release,
     "git push origin --tags && dvc push": _publish,
-    f"dvc artifacts get {GITHUB_URL} fashion-classifier": _artifact_get("latest"),
-    f"dvc artifacts get {GITHUB_URL} fashion-classifier --rev v1.0.0": _artifact_get("v1.0.0"),
-    f"dvc artifacts get {GITHUB_URL} fashion-classifier-onnx": _artifact_get("latest", ONNX_PATH),
+    f"dvc artifacts get {GITHUB_URL} classifier": _artifact_get("latest"),
+    f"dvc artifacts get {GITHUB_URL} classifier --rev v1.0.0": _artifact_get("v1.0.0"),
+    f"dvc artifacts get {GITHUB_URL} classifier-onnx": _artifact_get("latest", ONNX_PATH),
     "dvc exp run -S data=pets": _own_images_run,
     "wardrobe-predict data/pictures/pets/owl --top-k 2": _own_images_predict,
     "wardrobe-predict boot.png photo.jpg three.npy --top-k 2": _as_shown,

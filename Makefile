@@ -27,14 +27,14 @@ $(STAMP): $(LOCK) pyproject.toml
 
 venv: $(STAMP)
 
-# The GPU build (README "Running on a GPU"): TensorFlow with CUDA instead of tensorflow-cpu.
+# The GPU build (docs/gpu.md "Running on a GPU"): TensorFlow with CUDA instead of tensorflow-cpu.
 venv-gpu:
 	rm -f $(STAMP)
 	$(MAKE) venv LOCK=requirements-gpu.lock
 
 # What a service needs to classify with the exported ONNX model and nothing more (no TensorFlow,
 # Keras or pandas): requirements-serve.lock plus this project without its dependencies.
-# README "Serving the model"; tests/test_export.py builds one and runs wardrobe-predict in it.
+# docs/serving.md "Serving the model"; tests/test_export.py builds one and runs wardrobe predict in it.
 SERVE_VENV ?= .venv-serve
 venv-serve: venv
 	test -x $(SERVE_VENV)/bin/python || $(PY) -m venv --without-pip $(SERVE_VENV)
@@ -65,7 +65,7 @@ browser:
 
 # params.yaml from conf/ (Hydra), as `dvc exp run` composes it, without running anything.
 params: venv
-	$(PY) -m stages.params
+	$(VENV)/bin/wardrobe params
 
 repro: venv dataset
 	dvc repro
@@ -88,6 +88,7 @@ lint: venv
 	$(VENV)/bin/zizmor --offline --quiet .github/workflows
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mkdocs build --strict --quiet  # docs/: a broken link or an unlisted page fails
 
 format: venv
 	$(VENV)/bin/ruff check --fix .
@@ -118,21 +119,21 @@ PULL ?= auto
 REPRO_PULL = $(if $(filter-out 0,$(PULL)),$(shell PATH="$(PATH)" dvc remote default >/dev/null 2>&1 && echo --pull))
 ci-steps:
 	dvc repro $(REPRO_PULL)
-	python -m stages.validate --against $(BASE) --verdict $(VERDICT); gate=$$?; \
-	python -m stages.report --base $(BASE) --gate $(VERDICT) && exit $$gate
+	wardrobe validate --against $(BASE) --verdict $(VERDICT); gate=$$?; \
+	wardrobe report --base $(BASE) --gate $(VERDICT) && exit $$gate
 
 validate: venv
-	$(PY) -m stages.validate
+	$(VENV)/bin/wardrobe validate
 
 # Back to the committed results after `dvc exp run` / `dvc exp apply` left an experiment's in the
-# workspace (README "Experiments"): what git tracks (params, lock, metrics, plots, live log) from
+# workspace (docs/experiments.md "Experiments"): what git tracks (params, lock, metrics, plots, live log) from
 # the last commit, then the cached outputs that dvc.lock names (model, prepared data, exports).
 # Uncommitted edits to those files are discarded; conf/ and code are left alone.
 restore: venv
 	git checkout HEAD -- params.yaml dvc.lock metrics plots dvclive
 	dvc checkout
 
-# The experiments table that fits a screen (README "Experiments"): the headline metrics, a running
+# The experiments table that fits a screen (docs/experiments.md "Experiments"): the headline metrics, a running
 # experiment's latest epoch (step, eval.accuracy: DVCLive's), and only the params that differ;
 # best test accuracy first. What it leaves out (per-class scores, export parity, environment,
 # dependency hashes) is in plain `dvc exp show`. ARGS adds dvc exp show options, e.g. ARGS=--csv.
@@ -142,8 +143,8 @@ experiments: venv
 		--sort-by accuracy --sort-order desc $(ARGS)
 
 report: venv
-	python -m stages.validate --against $(BASE) --verdict $(VERDICT); \
-	python -m stages.report --base $(BASE) --gate $(VERDICT)
+	wardrobe validate --against $(BASE) --verdict $(VERDICT); \
+	wardrobe report --base $(BASE) --gate $(VERDICT)
 
 # Register a model version the way GTO does: an annotated tag <artifact>@vX.Y.Z, which is how
 # `dvc artifacts get` finds versions. Push the tag (and `dvc push` the model) to publish it.

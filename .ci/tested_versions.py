@@ -1,4 +1,4 @@
-"""The README's "Tested versions" table, generated from pyproject.toml and the lock files.
+"""The "Tested versions" table (docs/versions.md), generated from pyproject.toml and the lock files.
 
 Usage: python .ci/tested_versions.py [--check]   (.ci/lock runs it; --check fails on drift)
 One row per direct dependency: the range pyproject.toml accepts and the exact release each lock
@@ -14,7 +14,7 @@ from pathlib import Path
 import tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
-README = ROOT / "README.md"
+README = ROOT / "docs/versions.md"  # the "Tested versions" page
 START, END = "<!-- tested-versions:start -->", "<!-- tested-versions:end -->"
 LOCKS = {
     "CPU (`requirements-dev.lock`)": "requirements-dev.lock",
@@ -65,7 +65,7 @@ def main() -> None:
     updated = f"{before}{START}\n{table()}\n{END}{after}"
     if "--check" in sys.argv[1:]:
         if updated != text:
-            sys.exit("error: README.md's Tested versions table does not match the lock files; run make lock")
+            sys.exit("error: docs/versions.md's Tested versions table does not match the lock files; run make lock")
         return
     README.write_text(updated)
 

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.common import enable_determinism, load_split, read_dataset
-from stages.modelfile import Views, shifted
-from stages.outputs import PREPARED_DIR
-from stages.params import TrainParams, load_section
-from stages.train import fit
+from wardrobe.common import enable_determinism, load_split, read_dataset
+from wardrobe.model.file import Views, shifted
+from wardrobe.outputs import PREPARED_DIR
+from wardrobe.params import TrainParams, load_section
+from wardrobe.training import fit
 
 
 def view_accuracies(per_view: np.ndarray, labels: np.ndarray) -> dict[str, float]:

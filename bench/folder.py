@@ -20,8 +20,8 @@ import yaml
 from PIL import Image
 
 from bench.serve import run_with_rusage
-from stages.params import PARAMS_FILE, load_params
-from stages.prepare import load_idx
+from wardrobe.data.preparation import load_idx
+from wardrobe.params import PARAMS_FILE, load_params
 
 REPO = Path(__file__).resolve().parent.parent
 

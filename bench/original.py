@@ -11,13 +11,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import stages  # noqa: F401  (quiets TensorFlow's banner like the pipeline does)
+import wardrobe  # noqa: F401  (quiets TensorFlow's banner like the pipeline does)
 
 
 def load_data(directory: Path):
     import yaml
 
-    from stages.prepare import decompress, parse_idx
+    from wardrobe.data.preparation import decompress, parse_idx
 
     # The file names of the dataset the original script loads, from its config.
     config = Path(__file__).resolve().parent.parent / "conf/data/fashion_mnist.yaml"

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from stages.params import compose
+from wardrobe.params import compose
 
 REPO = Path(__file__).resolve().parent.parent
 DATA_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -103,7 +103,7 @@ def run_pipeline(recipe: str, env: dict[str, str], work: Path, seed: int | None 
     metrics_text = (project / "metrics/metrics.json").read_text()
     metrics = json.loads(metrics_text)
     accuracy = metrics["accuracy"]
-    # Validation accuracy is what chooses a recipe (BENCHMARKS.md's rules); test is reported.
+    # Validation accuracy is what chooses a recipe (docs/benchmarks.md's rules); test is reported.
     detail = f"val {metrics['val_accuracy']:.4f}; " + ", ".join(f"{s} {t:.0f} s" for s, t in stage_times.items())
     committed = REPO / "metrics/metrics.json"
     if params_text == (REPO / "params.yaml").read_text() and committed.exists():
@@ -124,8 +124,8 @@ PREDICT_SPEED = """
 import sys, time
 import numpy as np
 from pathlib import Path
-from stages.modelfile import load_keras_classifier
-from stages.predict import Item, predict
+from wardrobe.model.file import load_keras_classifier
+from wardrobe.cli.predict import Item, predict
 model = load_keras_classifier(Path(sys.argv[1]))
 x = np.load(sys.argv[2])
 items = [Item(str(i), image) for i, image in enumerate(x)]

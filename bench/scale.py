@@ -12,7 +12,7 @@ the run, and `dvc status` is timed twice on the folder: the first call with DVC'
 empty (as in a fresh clone: it hashes every picture), the second with it warm. prepare also runs
 with one process (`prepare.workers=1`) beside the default, one per core.
 
-Targets (BENCHMARKS.md): every stage's peak RSS at the largest size ≤ 1.25× at the smallest;
+Targets (docs/benchmarks.md): every stage's peak RSS at the largest size ≤ 1.25× at the smallest;
 train images/s ≥ 0.8× (its training steps, from Keras' ms/step); prepare with a process per core
 ≥ 1.7× one process on 2 cores. Ratios are what count: absolute figures differ between machines.
 """
@@ -37,7 +37,7 @@ import yaml
 from PIL import Image
 
 from bench.run import DATA_DIR, new_project, timed
-from stages.params import load_params
+from wardrobe.params import load_params
 
 REPO = Path(__file__).resolve().parent.parent
 SIZE = 64  # pixels, each side
@@ -57,7 +57,7 @@ CONF = {
 
 def fashion_images() -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
     """All 70,000 Fashion-MNIST images (uint8 28×28), labels and class names, from the IDX files."""
-    from stages.prepare import load_idx
+    from wardrobe.data.preparation import load_idx
 
     params = load_params(REPO / "params.yaml")
     (x_train, y_train), (x_test, y_test) = load_idx(params.data, params.prepare)

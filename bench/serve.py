@@ -2,7 +2,7 @@
 
     python -m bench.serve [--repeats 5]     (part of `make bench`; needs `dvc repro` first)
 
-- cold start: a new `wardrobe-predict IMAGE` process, from exec to the answer printed, for the
+- cold start: a new `wardrobe predict IMAGE` process, from exec to the answer printed, for the
   Keras runtime, the ONNX runtime in the same venv, and the ONNX runtime in the TensorFlow-free
   install (`make venv-serve`); the median of --repeats runs, with each process's peak RSS;
 - throughput: images/s classifying the 10,000 test images in this process, after one warm-up
@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from stages.common import load_split
-from stages.modelfile import load_keras_classifier, load_onnx_classifier
-from stages.outputs import MODEL_PATH, ONNX_PATH, PREPARED_DIR
+from wardrobe.common import load_split
+from wardrobe.model.file import load_keras_classifier, load_onnx_classifier
+from wardrobe.outputs import MODEL_PATH, ONNX_PATH, PREPARED_DIR
 
 SERVE_VENV = Path(".venv-serve")
 BATCH = 1000
@@ -76,12 +76,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         image = Path(scratch) / "test0.png"
         Image.fromarray(np.round(x_test[0] * 255).astype(np.uint8)).save(image)
-        here = str(Path(sys.executable).parent / "wardrobe-predict")
+        here = str(Path(sys.executable).parent / "wardrobe")
         starts = {
-            "keras (TensorFlow venv)": cold_start([here, str(image), "--runtime", "keras"], args.repeats),
-            "onnx (same venv)": cold_start([here, str(image), "--runtime", "onnx"], args.repeats),
+            "keras (TensorFlow venv)": cold_start([here, "predict", str(image), "--runtime", "keras"], args.repeats),
+            "onnx (same venv)": cold_start([here, "predict", str(image), "--runtime", "onnx"], args.repeats),
             "onnx (`make venv-serve`, no TensorFlow)": cold_start(
-                [str(SERVE_VENV / "bin/wardrobe-predict"), str(image)], args.repeats
+                [str(SERVE_VENV / "bin/wardrobe"), "predict", str(image)], args.repeats
             ),
         }
     classes = {answer.split(": ", 1)[1].split(" (")[0] for _, _, answer in starts.values()}

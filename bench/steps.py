@@ -65,11 +65,11 @@ def time_steps(recipe: str, steps: int, determinism: bool, jit: bool, overrides:
     import keras
     import yaml
 
-    from stages.common import enable_determinism, load_split, read_dataset
-    from stages.model import build_model
-    from stages.outputs import PREPARED_DIR
-    from stages.params import compose, parse_params
-    from stages.train import compile_model, make_dataset
+    from wardrobe.common import enable_determinism, load_split, read_dataset
+    from wardrobe.model.factory import build_model
+    from wardrobe.outputs import PREPARED_DIR
+    from wardrobe.params import compose, parse_params
+    from wardrobe.training import compile_model, make_dataset
 
     if determinism:
         enable_determinism()

@@ -2,7 +2,7 @@
 
     python -m bench.trust        (part of `make bench`; needs `dvc repro` first, and PyPI)
 
-The committed model through the exported ONNX graph, as wardrobe-predict runs it, on:
+The committed model through the exported ONNX graph, as wardrobe predict runs it, on:
 - the test images (what the threshold was chosen to let through: 95 % of validation);
 - the scrambled test images evaluate reports (metrics/metrics.json's ood_rejected);
 - scikit-learn's 1,797 handwritten digits (UCI's, 8×8, scaled to 20×20 and centred on 28×28 black,
@@ -28,11 +28,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from stages.calibration import auroc, scrambled
-from stages.common import load_split
-from stages.modelfile import load_onnx_classifier
-from stages.outputs import ONNX_PATH, PREPARED_DIR
-from stages.predict import to_training_format
+from wardrobe.calibration import auroc, scrambled
+from wardrobe.cli.predict import to_training_format
+from wardrobe.common import load_split
+from wardrobe.model.file import load_onnx_classifier
+from wardrobe.outputs import ONNX_PATH, PREPARED_DIR
 
 WHEEL = "scikit-learn"
 

@@ -22,141 +22,34 @@ from __future__ import annotations
 
 import json
 import warnings
-from pathlib import Path
 
-import keras
-import numpy as np
-
-from stages.calibration import TINY
-from stages.common import WardrobeError, atomic_dir, atomic_path, load_split, run_main
-from stages.layers import FeatureDistance, TestTimeViews
-from stages.modelfile import (
-    KerasClassifier,
-    ModelRecord,
-    feature_model,
+from wardrobe.common import atomic_dir, atomic_path, load_split, run_main
+from wardrobe.model.export import (
+    check_float32,
+    check_parity,
+    finish_onnx,
+    graph_batch,
+    parity,
+    read_reference,
+    saved_model_outputs,
+    serving_model,
+)
+from wardrobe.model.file import (
     file_sha256,
     load_keras_classifier,
     load_onnx_classifier,
-    onnx_metadata,
 )
-from stages.outputs import (
+from wardrobe.outputs import (
     DIGITS,
     EXPORT_JSON,
     MODEL_PATH,
     ONNX_PATH,
     PREPARED_DIR,
     SAVED_MODEL_DIR,
-    SERVING_DISTANCE,
-    SERVING_INPUT,
-    SERVING_OUTPUT,
     SERVING_VERSION,
     TEST_PROBS,
     accuracy,
-    parity_problem,
 )
-
-# The exported graphs run all views of a call at once: images per call × views go through the model
-# together. 500 keeps export's peak RSS near 1 GB at any view count (with 250 images × 10 views,
-# a `tta_shift: 1` model's export peaked at 2.0 GB, BENCHMARKS.md round 6); 2 views → 250 images.
-GRAPH_IMAGES_AT_ONCE = 500
-
-
-def graph_batch(views: int) -> int:
-    """Images per call of an exported graph that computes `views` views of each image at once."""
-    return max(1, GRAPH_IMAGES_AT_ONCE // views)
-
-
-def serving_model(classifier: KerasClassifier) -> keras.Model:
-    """One graph: the views, the trained model on all of them at once, their mean probabilities,
-    calibrated by the temperature the model file records (calibration.calibrate, in graph ops), and
-    the feature distance of the unmoved view (calibration.FeatureDensity.distance)."""
-    if classifier.density is None:
-        raise WardrobeError(
-            f"{MODEL_PATH}: the model file holds no feature density (an older train); `dvc repro train`"
-        )
-    views = classifier.views.offsets()
-    shape, classes = classifier.record.image_shape, len(classifier.record.class_names)
-    images = keras.Input(shape, name=SERVING_INPUT, dtype="float32")
-    stacked = TestTimeViews(views)(images)
-    features, probs = feature_model(classifier.model)(keras.ops.reshape(stacked, (-1, *shape)), training=False)
-    mean = keras.ops.mean(keras.ops.reshape(probs, (len(views), -1, classes)), axis=0)
-    if classifier.record.temperature != 1.0:
-        log_p = keras.ops.log(keras.ops.maximum(mean, TINY)) / classifier.record.temperature
-        mean = keras.ops.softmax(log_p, axis=-1)
-    plain = keras.ops.reshape(features, (len(views), -1, features.shape[-1]))[0]  # offsets()[0]: the unmoved view
-    distance = FeatureDistance(classifier.density.means, classifier.density.whitening)(plain)
-    return keras.Model(images, {SERVING_OUTPUT: mean, SERVING_DISTANCE: distance}, name="serving")
-
-
-def parity(
-    reference: np.ndarray, probs: np.ndarray, reference_flags: np.ndarray, flags: np.ndarray
-) -> dict[str, float]:
-    """How closely `probs` and the unlike-the-training-data `flags` follow the Keras model's."""
-    return {
-        "top1_agreement": float(np.mean(reference.argmax(axis=1) == probs.argmax(axis=1))),
-        "max_abs_diff": float(np.max(np.abs(reference.astype(np.float64) - probs))),
-        "flag_agreement": float(np.mean(reference_flags == flags)),
-    }
-
-
-def check_parity(name: str, stats: dict[str, float]) -> None:
-    if problem := parity_problem(name, stats):
-        raise WardrobeError(f"export: {problem}; nothing was exported")
-
-
-def finish_onnx(path: Path, record: ModelRecord, source_sha256: str) -> int:
-    """Call the ONNX graph's first input and output dimension `batch` (tf2onnx leaves `unk__N`),
-    write the model file's record into its metadata (class names, photo fit, views: JSON values),
-    so the file alone is enough to predict, and the SHA-256 of the model file it was exported from
-    (wardrobe-predict's auto runtime uses it only while it matches); return its opset."""
-    import onnx
-
-    graph_model = onnx.load(str(path))
-    for value in (*graph_model.graph.input, *graph_model.graph.output):
-        value.type.tensor_type.shape.dim[0].dim_param = "batch"
-    onnx.helper.set_model_props(graph_model, onnx_metadata(record, source_sha256))
-    onnx.save(graph_model, str(path))
-    return next(op.version for op in graph_model.opset_import if op.domain in ("", "ai.onnx"))
-
-
-def saved_model_outputs(directory: Path, x: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """What TF Serving computes: the `serving_default` signature of the SavedModel in `directory`,
-    its probabilities and distances."""
-    import tensorflow as tf
-
-    signature = tf.saved_model.load(str(directory)).signatures["serving_default"]
-    batches = [signature(**{SERVING_INPUT: tf.constant(x[i : i + batch_size])}) for i in range(0, len(x), batch_size)]
-    return tuple(
-        np.concatenate([batch[name].numpy() for batch in batches]) for name in (SERVING_OUTPUT, SERVING_DISTANCE)
-    )
-
-
-def read_reference(path: Path, images: int, classes: int) -> np.ndarray:
-    """The Keras model's probabilities of the test images, as evaluate computed them (the views
-    and the temperature the model file records): what each exported format must reproduce."""
-    try:
-        reference = np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise WardrobeError(f"{path}: not found; run the evaluate stage first (`dvc repro evaluate`)") from None
-    except (OSError, ValueError) as exc:
-        raise WardrobeError(f"{path}: cannot load evaluate's test probabilities: {exc}") from exc
-    if reference.shape != (images, classes):
-        raise WardrobeError(
-            f"{path}: {reference.shape} probabilities, not the {images} test images × {classes} classes; "
-            "run `dvc repro evaluate`"
-        )
-    return reference
-
-
-def check_float32(model: keras.Model, path: Path) -> None:
-    """ONNX Runtime's CPU kernels have no bfloat16 convolution (the graph fails to load), and a
-    float32 copy would not match what evaluate measured: refuse before exporting anything."""
-    compute = sorted({layer.dtype_policy.compute_dtype for layer in model.layers} - {"float32"})
-    if compute:
-        raise WardrobeError(
-            f"{path}: the model computes in {', '.join(compute)}, which ONNX Runtime cannot run on a CPU; "
-            "export needs a float32 model: train with train.precision=float32 (the cnn default)"
-        )
 
 
 def main() -> None:

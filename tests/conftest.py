@@ -21,9 +21,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from stages.common import DatasetInfo
-from stages.modelfile import ModelRecord, Views
-from stages.params import compose
+from wardrobe.common import DatasetInfo
+from wardrobe.model.file import ModelRecord, Views
+from wardrobe.params import compose
 
 REPO = Path(__file__).resolve().parent.parent
 # The default dataset's config, which the synthetic IDX files stand in for.
@@ -187,6 +187,7 @@ def make_project(repo: Path, params: dict) -> Path:
     """A git repo holding a copy of the project (code, dvc.yaml, .dvc/, Makefile), committed."""
     repo.mkdir(parents=True, exist_ok=True)
     shutil.copytree(REPO / "stages", repo / "stages", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / "src", repo / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     shutil.copytree(REPO / ".dvc", repo / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache", "config.local"))
     shutil.copytree(REPO / "conf", repo / "conf")
     for name in ("dvc.yaml", "Makefile", ".gitignore", "requirements.lock"):
@@ -262,7 +263,7 @@ def save_wrong_shape_model(path: Path) -> None:
     loads fine, must be refused."""
     import keras
 
-    from stages.modelfile import save_model
+    from wardrobe.model.file import save_model
 
     inputs = keras.Input((32, 32))
     save_model(

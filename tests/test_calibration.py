@@ -1,4 +1,4 @@
-"""Temperature scaling, its measures and the "unlike the training data" threshold (stages/calibration.py),
+"""Temperature scaling, its measures and the "unlike the training data" threshold (wardrobe/calibration.py),
 on synthetic probabilities whose right answers are known."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from stages.calibration import (
+from wardrobe.calibration import (
     DensityFit,
     auroc,
     brier,

@@ -13,13 +13,13 @@ import pandas as pd
 import pytest
 import yaml
 
-from stages.outputs import EXPORT_JSON, METRICS_PATH, MODEL_CARD, MODEL_PATH, PER_CLASS_CSV
 from tests.conftest import REPO
+from wardrobe.outputs import EXPORT_JSON, METRICS_PATH, MODEL_CARD, MODEL_PATH, PER_CLASS_CSV
 
 
 @pytest.mark.pipeline
 def test_the_card_states_the_runs_own_numbers(tiny_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from stages.card import confused_pairs, read_run, render
+    from wardrobe.card import confused_pairs, read_run, render
 
     card = (tiny_run / MODEL_CARD).read_text()
     metrics = json.loads((tiny_run / METRICS_PATH).read_text())
@@ -56,7 +56,7 @@ def test_the_card_states_the_runs_own_numbers(tiny_run: Path, monkeypatch: pytes
 
 @pytest.mark.pipeline
 def test_a_run_without_mistakes_still_gets_its_card(tiny_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from stages.card import read_run, render
+    from wardrobe.card import read_run, render
 
     monkeypatch.chdir(tiny_run)
     run = read_run()

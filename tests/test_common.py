@@ -1,4 +1,4 @@
-"""stages/common.py and stages/plumbing.py: the helpers every stage, and every command-line tool, uses."""
+"""wardrobe/common.py and wardrobe/plumbing.py: the helpers every stage, and every command-line tool, uses."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from stages.common import WardrobeError, atomic_dir, atomic_path, complete_text, read_csv, read_json
-from stages.plumbing import find_tool
+from wardrobe.common import WardrobeError, atomic_dir, atomic_path, complete_text, read_csv, read_json
+from wardrobe.plumbing import find_tool
 
 
 def test_atomic_path_keeps_the_old_file_when_writing_fails(tmp_path: Path) -> None:

@@ -1,7 +1,7 @@
 """A dataset is a params choice (issue #25): another dataset in the IDX format is one file in
 conf/data/ and `dvc exp run -S data=NAME`, with no change to stages/. Its class names and image
 shape reach every output from what prepare recorded: the metrics, the plots, the card, the model
-file, the exported ONNX graph and wardrobe-predict under both runtimes."""
+file, the exported ONNX graph and wardrobe predict under both runtimes."""
 
 from __future__ import annotations
 
@@ -21,9 +21,6 @@ import pytest
 import yaml
 from PIL import Image
 
-from stages.common import SPLITS, WardrobeError, load_split
-from stages.params import DataParams, PrepareParams, parse_params
-from stages.prepare import list_pictures, prepare, snapshot
 from tests.conftest import (
     CLASS_NAMES,
     REPO,
@@ -40,6 +37,9 @@ from tests.conftest import (
     sh,
     synthetic_images,
 )
+from wardrobe.common import SPLITS, WardrobeError, load_split
+from wardrobe.data.preparation import list_pictures, prepare, snapshot
+from wardrobe.params import DataParams, PrepareParams, parse_params
 
 # A made-up dataset unlike Fashion-MNIST in everything the code could have assumed: 4 classes,
 # 12×16 images (not square), its own file names.
@@ -120,12 +120,12 @@ def test_another_idx_dataset_runs_end_to_end_through_dash_s_only(
     np.save(repo / "four.npy", (x_test[:4] * 255).round().astype(np.uint8))
     answers = {}
     for runtime in ("keras", "onnx"):
-        result = run_module("stages.predict", "four.npy", "--json", "--top-k", "4", "--runtime", runtime, cwd=repo)
+        result = run_module("wardrobe", "predict", "four.npy", "--json", "--top-k", "4", "--runtime", runtime, cwd=repo)
         assert result.returncode == 0, result.stderr
         answers[runtime] = [json.loads(line)["top_k"] for line in result.stdout.splitlines()]
         assert all(sorted(entry["class"] for entry in top) == sorted(SHAPES) for top in answers[runtime])
     assert [top[0]["class"] for top in answers["keras"]] == [top[0]["class"] for top in answers["onnx"]]
-    too_many = run_module("stages.predict", "four.npy", "--top-k", "5", cwd=repo)
+    too_many = run_module("wardrobe", "predict", "four.npy", "--top-k", "5", cwd=repo)
     assert too_many.returncode == 1
     assert too_many.stderr.strip() == "error: --top-k 5: the model knows 4 classes"
 
@@ -298,9 +298,9 @@ def test_rgb_images_train_augment_and_take_views_like_grayscale(
     move and mirror the pixels, not the channels."""
     import tensorflow as tf
 
-    from stages.layers import TestTimeViews
-    from stages.modelfile import Views, shifted
-    from stages.train import augment_batch, fit
+    from wardrobe.model.file import Views, shifted
+    from wardrobe.model.layers import TestTimeViews
+    from wardrobe.training import augment_batch, fit
 
     rng = np.random.default_rng(0)
     x = rng.random((24, 16, 16, 3), dtype=np.float32)
@@ -380,7 +380,7 @@ def test_a_folder_of_rgb_pictures_runs_end_to_end_and_predicts_with_its_class_na
     for name in PETS:
         shutil.copy(pictures / f"{name}/00.png", repo / f"mine/{name}.png")
     for runtime in ("keras", "onnx"):
-        result = run_module("stages.predict", "mine", "--json", "--top-k", "3", "--runtime", runtime, cwd=repo)
+        result = run_module("wardrobe", "predict", "mine", "--json", "--top-k", "3", "--runtime", runtime, cwd=repo)
         assert result.returncode == 0, result.stderr
         answers = [json.loads(line) for line in result.stdout.splitlines()]
         assert [a["path"] for a in answers] == [f"mine/{name}.png" for name in PETS]

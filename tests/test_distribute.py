@@ -1,4 +1,4 @@
-"""stages/distribute.py: the strategies, TF_CONFIG checks, and two MultiWorkerMirroredStrategy
+"""wardrobe/distribute.py: the strategies, TF_CONFIG checks, and two MultiWorkerMirroredStrategy
 workers for real on 127.0.0.1."""
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ import pandas as pd
 import pytest
 import yaml
 
-from stages.common import WardrobeError
-from stages.distribute import check_tf_config
-from stages.modelfile import load_model
-from stages.outputs import ENVIRONMENT_JSON, HISTORY_CSV, LIVE_METRICS, MODEL_PATH
 from tests.conftest import REPO, free_port, module_env, run_module, set_params, tiny_params, write_params
+from wardrobe.common import WardrobeError
+from wardrobe.distribute import check_tf_config
+from wardrobe.model.file import load_model
+from wardrobe.outputs import ENVIRONMENT_JSON, HISTORY_CSV, LIVE_METRICS, MODEL_PATH
 
 TF_CONFIG_CASES = [
     (None, "train.strategy: multi_worker needs TF_CONFIG set on every worker"),
@@ -45,11 +45,11 @@ def test_mirrored_strategy_trains(tmp_path: Path, idx_source: tuple[Path, dict[s
 
     import tensorflow as tf
 
-    from stages.distribute import distribution_strategy
-    from stages.params import parse_params
-    from stages.prepare import normalize
-    from stages.train import fit
     from tests.conftest import synthetic_images
+    from wardrobe.data.preparation import normalize
+    from wardrobe.distribute import distribution_strategy
+    from wardrobe.params import parse_params
+    from wardrobe.training import fit
 
     params = dataclasses.replace(parse_params(tiny_params(*idx_source)).train, strategy="mirrored", epochs=2)
     assert isinstance(distribution_strategy("mirrored"), tf.distribute.MirroredStrategy)
@@ -67,7 +67,7 @@ TWO_LOGICAL_CPUS = """
 import tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-from stages.common import run_main
+from wardrobe.common import run_main
 from stages.train import main
 run_main(main)
 """
@@ -96,7 +96,7 @@ def test_strategies_refuse_a_keras_their_patches_were_not_tested_on(monkeypatch:
     any cluster is set up."""
     import keras
 
-    from stages.distribute import PATCHED_KERAS, check_patched_keras, distribution_strategy
+    from wardrobe.distribute import PATCHED_KERAS, check_patched_keras, distribution_strategy
 
     check_patched_keras(keras.__version__, "mirrored")  # the locked release is inside the range
     check_patched_keras(f"{PATCHED_KERAS[0][0]}.{PATCHED_KERAS[0][1]}.9", "mirrored")

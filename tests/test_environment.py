@@ -1,4 +1,4 @@
-"""stages/environment.py: the precision chosen for each kind of device, and the run's record."""
+"""wardrobe/environment.py: the precision chosen for each kind of device, and the run's record."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from stages.environment import Device, choose_precision, compute_device, environment_record, read_cpu
+from wardrobe.environment import Device, choose_precision, compute_device, environment_record, read_cpu
 
 A100 = Device("GPU", "NVIDIA A100-SXM4-40GB", compute_capability=(8, 0))
 T4 = Device("GPU", "Tesla T4", compute_capability=(7, 5))

@@ -8,10 +8,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from stages.evaluate import confusion_rows, write_csv
-from stages.outputs import CSV_COLUMNS, HISTORY_CSV, METRICS_PATH, PER_CLASS_CSV
-from stages.validate import check_csvs, check_metrics_schema
 from tests.conftest import CLASS_NAMES, run_module, write_params
+from wardrobe.cli.validate import check_csvs, check_metrics_schema
+from wardrobe.evaluation import confusion_rows, write_csv
+from wardrobe.outputs import CSV_COLUMNS, HISTORY_CSV, METRICS_PATH, PER_CLASS_CSV
 
 
 def test_confusion_rows_and_csv(tmp_path: Path) -> None:

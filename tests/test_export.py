@@ -1,4 +1,4 @@
-"""The export stage and `wardrobe-predict --runtime onnx`, on the tiny real run (conftest's
+"""The export stage and `wardrobe predict --runtime onnx`, on the tiny real run (conftest's
 `tiny_run`: its model records 10 views, so the exported graphs carry them and parity covers them).
 """
 
@@ -16,10 +16,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from stages.common import WardrobeError
-from stages.modelfile import KerasClassifier, Views, load_keras_classifier, load_model
-from stages.outputs import EXPORT_JSON, MODEL_CARD, MODEL_PATH, ONNX_PATH, SAVED_MODEL_DIR
 from tests.conftest import FASHION_RECORD, REPO, run_module, sh
+from wardrobe.common import WardrobeError
+from wardrobe.model.file import KerasClassifier, Views, load_keras_classifier, load_model
+from wardrobe.outputs import EXPORT_JSON, MODEL_CARD, MODEL_PATH, ONNX_PATH, SAVED_MODEL_DIR
 
 
 def keras_probs(work: Path) -> np.ndarray:
@@ -31,7 +31,7 @@ def keras_probs(work: Path) -> np.ndarray:
     [(1, 500), (2, 250), (10, 50), (501, 1)],  # 2 views: 250 images a call, as before round 6
 )
 def test_parity_batches_keep_the_images_through_an_exported_graph_bounded(views: int, images: int) -> None:
-    from stages.export import graph_batch
+    from wardrobe.model.export import graph_batch
 
     assert graph_batch(views) == images
 
@@ -39,8 +39,8 @@ def test_parity_batches_keep_the_images_through_an_exported_graph_bounded(views:
 def test_a_bfloat16_model_is_refused_in_one_line_before_anything_is_exported() -> None:
     import keras
 
-    from stages.export import check_float32
-    from stages.train import dtype_policy
+    from wardrobe.model.export import check_float32
+    from wardrobe.training import dtype_policy
 
     with dtype_policy("mixed_bfloat16"):
         inputs = keras.Input((28, 28))
@@ -144,7 +144,7 @@ def test_the_model_file_opens_in_plain_keras_with_the_cards_lines(tiny_run: Path
 @pytest.mark.pipeline
 def test_onnx_predict_gives_the_keras_answers_on_the_exported_pngs(tiny_run: Path) -> None:
     runs = {
-        runtime: run_module("stages.predict", "pngs", "--json", "--runtime", runtime, cwd=tiny_run)
+        runtime: run_module("wardrobe", "predict", "pngs", "--json", "--runtime", runtime, cwd=tiny_run)
         for runtime in ("keras", "onnx")
     }
     answers = {}
@@ -188,7 +188,7 @@ def test_bad_or_missing_onnx_files_fail_in_one_line(
         onnx.save(graph_model, str(path))
     elif content is not None:
         path.write_bytes(content)
-    result = run_module("stages.predict", "pngs/000.png", "--model", str(path), cwd=tiny_run)
+    result = run_module("wardrobe", "predict", "pngs/000.png", "--model", str(path), cwd=tiny_run)
     assert result.returncode == 1
     assert result.stdout == ""
     assert result.stderr.startswith(message.format(path=path))
@@ -206,14 +206,22 @@ def test_predict_runs_without_tensorflow_in_the_documented_install(tiny_run: Pat
     assert "No module named 'tensorflow'" in missing.stderr
     for module in ("keras", "pandas", "tf2onnx"):
         assert subprocess.run([python, "-c", f"import {module}"], capture_output=True).returncode == 1, module
+    # `pip install .` puts one package on the path, wardrobe; the stages stay in the checkout
+    installed = subprocess.run(
+        [python, "-c", "import importlib.util as u; print(bool(u.find_spec('wardrobe')), bool(u.find_spec('stages')))"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert installed.stdout.split() == ["True", "False"], installed.stderr
 
     # auto picks onnx (TensorFlow is missing) and data/export/model.onnx
-    served = subprocess.run([venv / "bin/wardrobe-predict", "pngs"], cwd=tiny_run, capture_output=True, text=True)
+    served = subprocess.run([venv / "bin/wardrobe", "predict", "pngs"], cwd=tiny_run, capture_output=True, text=True)
     assert served.returncode == 0, served.stderr
     expected = pd.read_csv(tiny_run / "plots/confusion.csv")["predicted"].tolist()
     assert [line.split(": ")[1].split(" (")[0] for line in served.stdout.splitlines()] == expected
     refused = subprocess.run(
-        [venv / "bin/wardrobe-predict", "pngs", "--runtime", "keras"], cwd=tiny_run, capture_output=True, text=True
+        [venv / "bin/wardrobe", "predict", "pngs", "--runtime", "keras"], cwd=tiny_run, capture_output=True, text=True
     )
     assert refused.returncode == 1
     assert refused.stderr == (
@@ -229,8 +237,8 @@ def test_the_recorded_temperature_is_inside_the_exported_graphs(tiny_run: Path) 
     (the SavedModel's parity with the calibrated Keras answers is the test above): same top-1
     answers, other probabilities. Its distances are the Keras classifier's (the model file's
     density, as constants in the graph), and 95 % of validation stays within the threshold."""
-    from stages.calibration import calibrate
-    from stages.modelfile import load_onnx_classifier
+    from wardrobe.calibration import calibrate
+    from wardrobe.model.file import load_onnx_classifier
 
     keras_classifier = load_keras_classifier(tiny_run / MODEL_PATH)
     record = keras_classifier.record

@@ -26,11 +26,12 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stages.common import WardrobeError
-from stages.outputs import LIVE_METRICS
-from stages.prepare import decompress, parse_idx
 from tests.conftest import REPO, idx_bytes, module_env, run_module, save_wrong_shape_model, write_params
 from tests.test_distribute import TF_CONFIG_CASES
+from wardrobe.cli import VERBS
+from wardrobe.common import WardrobeError
+from wardrobe.data.preparation import decompress, parse_idx
+from wardrobe.outputs import LIVE_METRICS
 
 OUTPUTS = {
     "prepare": ["data/prepared/x_train.npy", "data/prepared/y_test.npy"],
@@ -40,6 +41,9 @@ OUTPUTS = {
 
 
 def run_stage(stage: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    """A DVC stage, or a verb of the wardrobe command (validate)."""
+    if stage in VERBS:
+        return run_module("wardrobe", stage, cwd=cwd, timeout=timeout)
     return run_module(f"stages.{stage}", cwd=cwd, timeout=timeout)
 
 

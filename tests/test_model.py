@@ -7,9 +7,9 @@ import keras
 import numpy as np
 import pytest
 
-from stages.model import build_model, identity_kernel, initialize_convs, whitening_filters
-from stages.params import parse_params
 from tests.conftest import committed_params, synthetic_images
+from wardrobe.model.factory import build_model, identity_kernel, initialize_convs, whitening_filters
+from wardrobe.params import parse_params
 
 
 @pytest.fixture
@@ -78,7 +78,7 @@ def test_pool_first_blocks_and_global_max_head(idx_source: tuple[Path, dict[str,
 def test_fused_batch_norm_matches_keras_and_saves(tmp_path: Path) -> None:
     """Training outputs and moving statistics as Keras' own layer computes them (to float32
     rounding), and a saved model reloads in safe mode with the same predictions."""
-    from stages.layers import FusedBatchNormalization
+    from wardrobe.model.layers import FusedBatchNormalization
 
     x = np.random.default_rng(2).normal(3.0, 2.0, (8, 5, 5, 3)).astype(np.float32)
     fused, plain = FusedBatchNormalization(momentum=0.5), keras.layers.BatchNormalization(momentum=0.5)

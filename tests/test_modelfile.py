@@ -1,4 +1,4 @@
-"""stages/modelfile.py: the model file's views, its saving and reading, and the two classifiers."""
+"""wardrobe/model/file.py: the model file's views, its saving and reading, and the two classifiers."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stages.common import WardrobeError
-from stages.modelfile import (
+from tests.conftest import CLASS_NAMES, FASHION_INFO, save_wrong_shape_model
+from wardrobe.common import WardrobeError
+from wardrobe.model.file import (
     SHIFT_KEY,
     ModelRecord,
     Views,
@@ -21,7 +22,6 @@ from stages.modelfile import (
     save_model,
     shifted,
 )
-from tests.conftest import CLASS_NAMES, FASHION_INFO, save_wrong_shape_model
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -62,7 +62,7 @@ def test_predict_proba_is_the_mean_over_the_views() -> None:
 
 
 def test_the_views_inside_the_serving_graph_are_exactly_the_numpy_views() -> None:
-    from stages.layers import TestTimeViews
+    from wardrobe.model.layers import TestTimeViews
 
     x = np.random.default_rng(0).random((3, 28, 28), dtype=np.float32)
     views = Views(True, 2).offsets()
@@ -97,9 +97,9 @@ def test_the_recorded_views_have_one_reader() -> None:
     """evaluate, export, predict, the card and the benchmarks read a model file's record only
     through modelfile.read_record: no other code opens metadata.json or names its keys."""
     readers = []
-    for path in sorted([*REPO.glob("stages/*.py"), *REPO.glob("bench/*.py")]):
+    for path in sorted([*REPO.glob("stages/*.py"), *REPO.glob("src/wardrobe/**/*.py"), *REPO.glob("bench/*.py")]):
         text = path.read_text()
-        if path.name != "modelfile.py" and re.search(
+        if path != REPO / "src/wardrobe/model/file.py" and re.search(
             r"metadata\.json|_KEY\b|wardrobe_(flip|tta|class|image|photo|dataset)", text
         ):
             readers.append(path.name)

@@ -1,4 +1,4 @@
-"""The output contract (stages/outputs.py): metric definitions, and agreement with dvc.yaml."""
+"""The output contract (wardrobe/outputs.py): metric definitions, and agreement with dvc.yaml."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import yaml
 
-from stages.calibration import brier, ece
-from stages.outputs import (
+from tests.conftest import CLASS_NAMES, REPO
+from wardrobe.calibration import brier, ece
+from wardrobe.outputs import (
     CSV_COLUMNS,
     HEADLINE_METRICS,
     STAGE_OUTPUTS,
@@ -21,7 +22,6 @@ from stages.outputs import (
     per_class_scores,
     predicted_confidence,
 )
-from tests.conftest import CLASS_NAMES, REPO
 
 DVC_YAML = yaml.safe_load((REPO / "dvc.yaml").read_text())
 

@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages.common import WardrobeError
-from stages.params import PrepareParams, TrainParams, compose, load_params, load_section, parse_params
 from tests.conftest import REPO, committed_params
+from wardrobe.common import WardrobeError
+from wardrobe.params import PrepareParams, TrainParams, compose, load_params, load_section, parse_params
 
 
 def test_repo_params_load() -> None:

@@ -13,40 +13,57 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages.outputs import ENVIRONMENT_JSON
 from tests.conftest import REPO, make_project, repro, sh, tiny_params, write_params
+from wardrobe.outputs import ENVIRONMENT_JSON
 
 ALL_STAGES = ["prepare", "train", "evaluate", "export", "card"]
 
 pytestmark = pytest.mark.pipeline  # every test here runs dvc, git or the stages in subprocesses
 
 
-def imported_stage_files(module: str) -> set[str]:
-    """The files of the `stages` package that `module` imports, directly or not, read from source."""
-    files, todo = {"stages/__init__.py"}, [module]
+def module_files(module: str) -> list[str]:
+    """The files importing `module` runs: each package's __init__.py on the way, then the module
+    (stages/ at the top, the wardrobe package under src/)."""
+    parts = module.split(".")
+    root = "src/" if parts[0] == "wardrobe" else ""
+    files = [f"{root}{'/'.join(parts[:depth])}/__init__.py" for depth in range(1, len(parts))]
+    single = f"{root}{'/'.join(parts)}.py"
+    return [*files, single if (REPO / single).exists() else f"{root}{'/'.join(parts)}/__init__.py"]
+
+
+def imported_code_files(module: str) -> set[str]:
+    """The project's code files (stages/ and src/wardrobe/) that `module` imports, directly or not,
+    read from source."""
+    files: set[str] = set()
+    todo = [module]
     while todo:
-        path = todo.pop().replace(".", "/") + ".py"
-        if path in files:
-            continue
-        files.add(path)
-        for node in ast.walk(ast.parse((REPO / path).read_text())):
-            names = [node.module] if isinstance(node, ast.ImportFrom) else []
-            names += [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
-            todo += [name for name in names if name and name.startswith("stages.")]
+        for path in module_files(todo.pop()):
+            if path in files:
+                continue
+            files.add(path)
+            for node in ast.walk(ast.parse((REPO / path).read_text())):
+                names = [node.module] if isinstance(node, ast.ImportFrom) else []
+                names += [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+                todo += [name for name in names if name and name.split(".")[0] in ("stages", "wardrobe")]
     return files
+
+
+def code_dep(dep: str) -> bool:
+    return dep.startswith(("stages/", "src/")) and dep.endswith(".py")
 
 
 def test_each_stage_depends_on_exactly_the_code_it_imports() -> None:
     """A missing dep gives stale results, an extra one spurious re-runs."""
     for name, stage in yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"].items():
         module = stage["cmd"].removeprefix("python -m ")
-        code_deps = {dep for dep in stage["deps"] if dep.startswith("stages/") and dep.endswith(".py")}
-        assert code_deps == imported_stage_files(module), name
-    # The one code file that is not Python: the card's text, read by stages/card.py only.
+        assert {dep for dep in stage["deps"] if code_dep(dep)} == imported_code_files(module), name
+    # The one code file that is not Python: the card's text, read by wardrobe/card.py only.
     other = {
         dep for stage in yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"].values() for dep in stage["deps"]
     }
-    assert {dep for dep in other if dep.startswith("stages/") and not dep.endswith(".py")} == {"stages/card.md"}
+    assert {dep for dep in other if dep.startswith(("stages/", "src/")) and not code_dep(dep)} == {
+        "src/wardrobe/card.md"
+    }
 
 
 @pytest.fixture(scope="module")
@@ -72,21 +89,42 @@ def test_second_repro_runs_nothing(project: tuple[Path, dict]) -> None:
     assert sh(repo, "dvc", "status", "--json").stdout.strip() == "{}"
 
 
-# The command-line tools that are not stages: no stage imports them, so editing them re-runs nothing.
+# The command and what only it uses: no stage imports them, so editing them re-runs nothing.
 NOT_STAGES = (
-    "stages/predict.py",
-    "stages/validate.py",
-    "stages/report.py",
-    "stages/plumbing.py",
-    "stages/audit.py",
+    "src/wardrobe/__main__.py",
+    "src/wardrobe/cli/__init__.py",
+    "src/wardrobe/cli/predict.py",
+    "src/wardrobe/cli/validate.py",
+    "src/wardrobe/cli/report.py",
+    "src/wardrobe/cli/audit.py",
+    "src/wardrobe/cli/params.py",
+    "src/wardrobe/plumbing.py",
 )
 
 
 def test_no_stage_imports_the_command_line_tools() -> None:
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"].values()
-    used = set().union(*(imported_stage_files(stage["cmd"].removeprefix("python -m ")) for stage in stages))
+    used = set().union(*(imported_code_files(stage["cmd"].removeprefix("python -m ")) for stage in stages))
     assert used.isdisjoint(NOT_STAGES)
-    assert {f"stages/{p.name}" for p in (REPO / "stages").glob("*.py")} == used | set(NOT_STAGES)  # none unaccounted
+    code = {str(p.relative_to(REPO)) for folder in ("stages", "src/wardrobe") for p in (REPO / folder).rglob("*.py")}
+    assert code == used | set(NOT_STAGES)  # none unaccounted
+
+
+def test_stages_holds_the_five_stages_and_nothing_imports_them() -> None:
+    """stages/ is the five modules dvc.yaml runs (and the package's __init__); no module of the
+    wardrobe package imports a stage."""
+    declared = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    assert {p.name for p in (REPO / "stages").iterdir() if p.name != "__pycache__"} == {
+        "__init__.py",
+        *(f"{name}.py" for name in declared),
+    }
+    for path in (REPO / "src/wardrobe").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            names += [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+            assert not any(name.split(".")[0] == "stages" for name in names), path
+            if "cli" not in path.relative_to(REPO / "src/wardrobe").parts and path.name != "__main__.py":
+                assert not any(name.startswith("wardrobe.cli") for name in names), path  # the library: no CLI
 
 
 def test_editing_a_tool_re_runs_nothing_and_editing_the_card_only_the_card(project: tuple[Path, dict]) -> None:
@@ -95,7 +133,7 @@ def test_editing_a_tool_re_runs_nothing_and_editing_the_card_only_the_card(proje
         with (repo / path).open("a") as handle:
             handle.write("\n# an edit that cannot change a result\n")
     assert sh(repo, "dvc", "status").stdout.strip() == "Data and pipelines are up to date."
-    with (repo / "stages/card.md").open("a") as handle:
+    with (repo / "src/wardrobe/card.md").open("a") as handle:
         handle.write("\nThe card's wording, edited.\n")
     assert list(json.loads(sh(repo, "dvc", "status", "--json").stdout)) == ["card"]
     assert repro(repo) == ["card"]

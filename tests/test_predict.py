@@ -12,11 +12,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from stages.common import WardrobeError
-from stages.modelfile import Views, decide_flip, load_keras_classifier, load_model, save_model
-from stages.outputs import MODEL_PATH
-from stages.predict import BLANK_NOTE, collect, load_image, main, to_training_format, top_k
 from tests.conftest import CLASS_NAMES, FASHION_INFO, FASHION_RECORD, png_claiming, run_module, save_wrong_shape_model
+from wardrobe.cli.predict import BLANK_NOTE, collect, load_image, main, to_training_format, top_k
+from wardrobe.common import WardrobeError
+from wardrobe.model.file import Views, decide_flip, load_keras_classifier, load_model, save_model
+from wardrobe.outputs import MODEL_PATH
 
 
 def test_dark_28x28_is_taken_unchanged() -> None:
@@ -44,7 +44,7 @@ def test_top_k_orders_by_probability() -> None:
 
 @pytest.mark.pipeline
 def test_predict_agrees_with_evaluate_on_exported_test_images(tiny_run: Path) -> None:
-    result = run_module("stages.predict", "pngs", "--json", "--top-k", "3", "--batch-size", "7", cwd=tiny_run)
+    result = run_module("wardrobe", "predict", "pngs", "--json", "--top-k", "3", "--batch-size", "7", cwd=tiny_run)
     assert result.returncode == 0, result.stderr
     records = [json.loads(line) for line in result.stdout.splitlines()]
     expected = pd.read_csv(tiny_run / "plots/confusion.csv")["predicted"].tolist()
@@ -96,7 +96,7 @@ def test_predict_npy_and_text_output(tiny_run: Path, tmp_path: Path) -> None:
     (tmp_path / "data").symlink_to(tiny_run / "data")
     np.save(tmp_path / "two.npy", np.round(x * 255).astype(np.uint8))
     np.save(tmp_path / "one.npy", x[0])
-    result = run_module("stages.predict", "two.npy", "one.npy", cwd=tmp_path)
+    result = run_module("wardrobe", "predict", "two.npy", "one.npy", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert [line.split(":")[0] for line in lines] == ["two.npy[0]", "two.npy[1]", "one.npy[0]"]
@@ -167,7 +167,7 @@ def test_predict_bad_input_is_one_line(tiny_run: Path, tmp_path: Path, setup, ar
     for link in ("pngs", "data"):
         (tmp_path / link).symlink_to(tiny_run / link)
     setup(tmp_path)
-    result = run_module("stages.predict", *args, cwd=tmp_path)
+    result = run_module("wardrobe", "predict", *args, cwd=tmp_path)
     assert result.returncode == 1
     assert result.stdout == ""  # nothing printed for the good inputs either
     assert result.stderr.startswith(message), result.stderr
@@ -176,7 +176,7 @@ def test_predict_bad_input_is_one_line(tiny_run: Path, tmp_path: Path, setup, ar
 
 @pytest.mark.pipeline
 def test_predict_debug_shows_traceback(tiny_run: Path) -> None:
-    result = run_module("stages.predict", "nope.png", "--debug", cwd=tiny_run)
+    result = run_module("wardrobe", "predict", "nope.png", "--debug", cwd=tiny_run)
     assert result.returncode == 1 and "Traceback" in result.stderr and "WardrobeError" in result.stderr
 
 
@@ -220,9 +220,9 @@ def test_mutated_png_only_raises_our_error(tmp_path: Path, position: int, value:
 )
 def test_usage_errors_are_one_line_with_status_2(tmp_path: Path, args: list[str], message: str) -> None:
     """argparse's exit status for a usage error (2; bad inputs exit 1), in one line like every error."""
-    result = run_module("stages.predict", *args, cwd=tmp_path)
+    result = run_module("wardrobe", "predict", *args, cwd=tmp_path)
     assert result.returncode == 2
-    assert result.stderr.startswith(message) and result.stderr.endswith("(usage: wardrobe-predict --help)\n")
+    assert result.stderr.startswith(message) and result.stderr.endswith("(usage: wardrobe predict --help)\n")
     assert len(result.stderr.splitlines()) == 1, result.stderr
 
 
@@ -230,14 +230,14 @@ def test_usage_errors_are_one_line_with_status_2(tmp_path: Path, args: list[str]
 def test_predict_finds_the_project_model_from_a_subfolder(tiny_run: Path) -> None:
     """Run from inside the project but not at its top (the default paths are looked up in the
     parents too), the answers are the ones predict gives at the top."""
-    top = run_module("stages.predict", "pngs/000.png", "--json", cwd=tiny_run)
-    inside = run_module("stages.predict", "000.png", "--json", cwd=tiny_run / "pngs")
+    top = run_module("wardrobe", "predict", "pngs/000.png", "--json", cwd=tiny_run)
+    inside = run_module("wardrobe", "predict", "000.png", "--json", cwd=tiny_run / "pngs")
     assert top.returncode == 0 and inside.returncode == 0, inside.stderr
     assert json.loads(inside.stdout)["top_k"] == json.loads(top.stdout)["top_k"]
 
 
 def test_outside_any_project_the_error_says_where_it_looked(tmp_path: Path, monkeypatch) -> None:
-    import stages.predict as predict
+    import wardrobe.cli.predict as predict
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(predict, "SOURCE_PROJECT", tmp_path / "installed-from")
@@ -256,7 +256,7 @@ def test_outside_any_project_the_error_says_where_it_looked(tmp_path: Path, monk
 def test_auto_runtime_is_onnx_while_the_export_matches_the_model(tiny_run: Path, tmp_path: Path, monkeypatch) -> None:
     """export records the model file's SHA-256 in the ONNX file; auto uses ONNX Runtime only while
     it matches (same answers, a fraction of the time), keras once the model file changed."""
-    from stages.predict import choose_runtime
+    from wardrobe.cli.predict import choose_runtime
 
     monkeypatch.chdir(tiny_run)
     runtime, classifier = choose_runtime("auto", None)
@@ -279,8 +279,8 @@ def test_blank_pictures_are_flagged(tiny_run: Path, tmp_path: Path) -> None:
     Image.new("RGBA", (1, 1), (0, 0, 0, 0)).save(tmp_path / "clear.png")
     shutil.copy(tiny_run / "pngs/000.png", tmp_path / "garment.png")
     names = ("black.png", "clear.png", "garment.png")
-    text = run_module("stages.predict", *names, cwd=tmp_path)
-    answers = run_module("stages.predict", *names, "--json", cwd=tmp_path)
+    text = run_module("wardrobe", "predict", *names, cwd=tmp_path)
+    answers = run_module("wardrobe", "predict", *names, "--json", cwd=tmp_path)
     assert text.returncode == 0 and answers.returncode == 0, text.stderr + answers.stderr
     lines = text.stdout.splitlines()
     assert [line.endswith(BLANK_NOTE) for line in lines] == [True, True, False], lines
@@ -292,7 +292,7 @@ def test_a_long_library_message_ends_with_a_whole_sentence(tiny_run: Path, tmp_p
     """Issue #27: `--model notes.txt` (a model file under another name) ended mid-sentence."""
     shutil.copy(tiny_run / MODEL_PATH, tmp_path / "notes.txt")
     shutil.copy(tiny_run / "pngs/000.png", tmp_path / "a.png")
-    result = run_module("stages.predict", "a.png", "--model", "notes.txt", cwd=tmp_path)
+    result = run_module("wardrobe", "predict", "a.png", "--model", "notes.txt", cwd=tmp_path)
     assert result.returncode == 1
     (line,) = result.stderr.splitlines()
     assert line.startswith("error: notes.txt: cannot load model: File format not supported: filepath=notes.txt.")

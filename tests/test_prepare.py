@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stages.common import ImageFile, WardrobeError, load_split
-from stages.params import DataParams, PrepareParams, parse_params
-from stages.prepare import (
+from tests.conftest import CLASS_NAMES, IDX_FILES, TEST_PER_CLASS, TRAIN_PER_CLASS, idx_bytes, run_module, write_params
+from wardrobe.common import ImageFile, WardrobeError, load_split
+from wardrobe.data.preparation import (
     check_pair,
     decompress,
     download,
@@ -23,7 +23,7 @@ from stages.prepare import (
     parse_idx,
     stratified_split,
 )
-from tests.conftest import CLASS_NAMES, IDX_FILES, TEST_PER_CLASS, TRAIN_PER_CLASS, idx_bytes, run_module, write_params
+from wardrobe.params import DataParams, PrepareParams, parse_params
 
 
 def test_parse_idx_images_and_labels() -> None:
@@ -210,7 +210,7 @@ def test_a_prepared_split_is_read_as_indexed_without_holding_it(tmp_path: Path) 
 def test_streamed_batches_are_the_in_memory_batches(tmp_path: Path) -> None:
     """train's input read from the file on disk gives the same batches, in the same order, as
     from the array in memory, with shuffling and augmentation, epoch after epoch."""
-    from stages.train import make_dataset
+    from wardrobe.training import make_dataset
 
     x = np.random.default_rng(1).random((70, 8, 8), dtype=np.float32)
     y = np.arange(70, dtype=np.uint8) % 10

@@ -36,8 +36,6 @@ import pytest
 import yaml
 from PIL import Image
 
-from stages.modelfile import load_model
-from stages.outputs import METRICS_PATH, MODEL_PATH, ONNX_PATH
 from tests.conftest import (
     CLASS_NAMES,
     REPO,
@@ -48,6 +46,8 @@ from tests.conftest import (
     synthetic_images,
     write_idx_dir,
 )
+from wardrobe.model.file import load_model
+from wardrobe.outputs import METRICS_PATH, MODEL_PATH, ONNX_PATH
 
 SECTIONS = (
     "Experiments",
@@ -69,21 +69,22 @@ class Command:
     output: tuple[str, ...] = ()  # the lines a ```console block shows under it
 
 
-def readme_commands(markdown: str) -> list[Command]:
-    """The commands of the README's code blocks in SECTIONS, in order."""
+def readme_commands(markdown: str, heading: str = "# ", sections: tuple[str, ...] = SECTIONS) -> list[Command]:
+    """The commands of a page's code blocks in `sections`, in order. A docs/ page is one section
+    (its `# ` title; its `## ` parts belong to it); the README's sections are its `## ` headings."""
     commands: list[Command] = []
     section, block, console_output = "", None, None
     for line in markdown.splitlines():
-        if block is None and line.startswith("## "):
-            section = line[3:].strip()
+        if block is None and line.startswith(heading):
+            section = line[len(heading) :].strip()
         elif line.startswith("```"):
             block = (line[3:].strip() or "text") if block is None else None
             console_output = None
-        elif section in SECTIONS and block == "bash":
+        elif section in sections and block == "bash":
             text = re.sub(r"\s+#\s.*$", "", line).strip()
             if text and not text.startswith("#"):
                 commands.append(Command(section, text))
-        elif section in SECTIONS and block == "console":
+        elif section in sections and block == "console":
             if line.startswith("$ "):
                 console_output = []
                 commands.append(Command(section, line[2:].strip(), ()))
@@ -93,7 +94,12 @@ def readme_commands(markdown: str) -> list[Command]:
     return commands
 
 
-COMMANDS = readme_commands((REPO / "README.md").read_text(encoding="utf-8"))
+DOCS = sorted((REPO / "docs").glob("*.md"))
+COMMANDS = [command for page in DOCS for command in readme_commands(page.read_text(encoding="utf-8"))]
+# The README's own commands: each is one a docs page shows and the tests run there, except the
+# two commands of its first section, which CI itself runs (.ci/run: make test; make ci: the pipeline).
+README_SECTIONS = ("Every day", "Train on your own pictures")
+README_COMMANDS = readme_commands((REPO / "README.md").read_text(encoding="utf-8"), "## ", README_SECTIONS)
 
 
 @dataclass
@@ -144,7 +150,7 @@ def _exp_run_recipe(clone: Clone, command: Command) -> None:
     _ok(clone.run(command))
     long = yaml.safe_load((clone.path / "conf/train/long.yaml").read_text())
     assert _params(clone)["train"] == {**long, **TINY_DATA_OVERRIDE}  # with conf/config.yaml's
-    model = load_model(clone.path / MODEL_PATH)  # the project's reader: it registers stages.layers
+    model = load_model(clone.path / MODEL_PATH)  # the project's reader: it registers wardrobe.model.layers
     convs = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
     assert len(convs) == 6  # long: two convs in each of three blocks (the default has three)
     # The diff names each key the switch changed (and -S train.epochs=10 did not carry over):
@@ -342,7 +348,7 @@ def _restore(clone: Clone, command: Command) -> None:
         sh(clone.path, "git", "status", "--porcelain", "--", "params.yaml", "dvc.lock", "metrics", "plots").stdout == ""
     )
     assert sh(clone.path, "dvc", "status", "--json").stdout.strip() == "{}"  # the model is main's again
-    _validate(clone, Command(command.section, "python -m stages.validate"))
+    _validate(clone, Command(command.section, "wardrobe validate"))
 
 
 def _validate(clone: Clone, command: Command) -> None:
@@ -457,7 +463,7 @@ def readme_yaml(markdown: str, first_line: str) -> dict:
 def _own_images_run(clone: Clone, command: Command) -> None:
     """The user's pictures (data/pictures/pets/CLASS/*.png, 32×32 RGB, made here) and the README's
     conf/data/pets.yaml, written as shown; then the command trains on them."""
-    config = readme_yaml((REPO / "README.md").read_text(encoding="utf-8"), "# conf/data/pets.yaml")
+    config = readme_yaml((REPO / "docs/own-images.md").read_text(encoding="utf-8"), "# conf/data/pets.yaml")
     (clone.path / "conf/data/pets.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     colours = np.random.default_rng(0).integers(0, 256, (len(PETS), 32, 32, 3))
     rng = np.random.default_rng(1)
@@ -518,8 +524,8 @@ CHECKS: dict[str, Callable[[Clone, Command], None]] = {
     "dvc params diff main": _params_diff,
     "dvc plots diff main": _plots_diff,
     "make restore": _restore,
-    "python -m stages.validate": _validate,
-    "python -m stages.validate --against main": _validate,
+    "wardrobe validate": _validate,
+    "wardrobe validate --against main": _validate,
     "make report BASE=main": _make_report,
     "make ci BASE=main": _make_ci,
     "make release VERSION=1.0.0": _release,
@@ -528,20 +534,31 @@ CHECKS: dict[str, Callable[[Clone, Command], None]] = {
     f"dvc artifacts get {GITHUB_URL} classifier --rev v1.0.0": _artifact_get("v1.0.0"),
     f"dvc artifacts get {GITHUB_URL} classifier-onnx": _artifact_get("latest", ONNX_PATH),
     "dvc exp run -S data=pets": _own_images_run,
-    "wardrobe-predict data/pictures/pets/owl --top-k 2": _own_images_predict,
-    "wardrobe-predict boot.png photo.jpg three.npy --top-k 2": _as_shown,
-    "python -m stages.predict shirt.png --json --top-k 3": _as_shown,
-    "wardrobe-predict boot.png --runtime onnx": _as_shown,
-    "wardrobe-predict missing.png": _as_shown,
-    "python -m stages.audit --top 50": _audit,
+    "wardrobe predict data/pictures/pets/owl --top-k 2": _own_images_predict,
+    "wardrobe predict boot.png photo.jpg three.npy --top-k 2": _as_shown,
+    "wardrobe predict shirt.png --json --top-k 3": _as_shown,
+    "wardrobe predict boot.png --runtime onnx": _as_shown,
+    "wardrobe predict missing.png": _as_shown,
+    "wardrobe audit --top 50": _audit,
 }
 
 
-def test_every_readme_command_has_a_check() -> None:
+def test_every_documented_command_has_a_check() -> None:
     found = [command.text for command in COMMANDS]
     assert {command.section for command in COMMANDS} == set(SECTIONS)
-    assert sorted(found) == sorted(CHECKS), "README commands and CHECKS differ: add a check for each new command"
+    assert sorted(found) == sorted(CHECKS), "docs/ commands and CHECKS differ: add a check for each new command"
     assert len(found) == len(set(found))
+
+
+def test_every_readme_command_runs_in_the_docs_tests() -> None:
+    """The README repeats the commands of every day; each is one a docs page shows, and runs there."""
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    assert {command.section for command in README_COMMANDS} == set(README_SECTIONS)
+    assert {command.text for command in README_COMMANDS} <= set(CHECKS)
+    every_section = tuple(line[3:].strip() for line in readme.splitlines() if line.startswith("## "))
+    every_command = {command.text for command in readme_commands(readme, "## ", every_section)}
+    assert every_command - set(CHECKS) == {"make repro", "make test"}  # the two CI runs itself
+    assert len(readme.splitlines()) <= 200
 
 
 def test_extraction_reads_bash_and_console_blocks() -> None:
@@ -553,7 +570,7 @@ def test_extraction_reads_bash_and_console_blocks() -> None:
             "# a whole-line comment",
             "```",
             "```console",
-            "$ wardrobe-predict a.png",
+            "$ wardrobe predict a.png",
             "a.png: Bag (0.900)",
             "```",
             "## Elsewhere",
@@ -562,10 +579,13 @@ def test_extraction_reads_bash_and_console_blocks() -> None:
             "```",
         ]
     )
-    assert readme_commands(markdown) == [
+    assert readme_commands(markdown, "## ") == [
         Command("Experiments", "dvc exp show"),
-        Command("Experiments", "wardrobe-predict a.png", ("a.png: Bag (0.900)",)),
+        Command("Experiments", "wardrobe predict a.png", ("a.png: Bag (0.900)",)),
     ]
+    # a docs/ page: its title is the section, its `## ` parts belong to it
+    page = markdown.replace("## Experiments", "# Experiments\n\n## Sweeps").replace("## Elsewhere", "# Elsewhere")
+    assert readme_commands(page) == readme_commands(markdown, "## ")
 
 
 def _user_images(folder: Path, x: np.ndarray, y: np.ndarray) -> dict[str, int]:

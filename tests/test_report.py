@@ -1,4 +1,4 @@
-"""stages/report.py: the pull-request report."""
+"""wardrobe/cli/report.py: the pull-request report."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from stages.common import WardrobeError
-from stages.outputs import CONFUSION_CSV, ENVIRONMENT_JSON, METRICS_PATH, PER_CLASS_CSV
-from stages.report import confusion_moves, dvc_markdown, headline, per_class_changes
 from tests.conftest import CLASS_NAMES, REPO, module_env, sh
+from wardrobe.cli.report import confusion_moves, dvc_markdown, headline, per_class_changes
+from wardrobe.common import WardrobeError
+from wardrobe.outputs import CONFUSION_CSV, ENVIRONMENT_JSON, METRICS_PATH, PER_CLASS_CSV
 
 
 def scores(f1: dict[str, float]) -> pd.DataFrame:
@@ -96,7 +96,7 @@ def test_the_report_shows_both_revisions_and_the_environment_change(tmp_path: Pa
 
     def report(*gate: str) -> subprocess.CompletedProcess:
         return subprocess.run(
-            [sys.executable, "-m", "stages.report", "--base", "main", *gate],
+            [sys.executable, "-m", "wardrobe", "report", "--base", "main", *gate],
             cwd=tmp_path,
             env=module_env(),
             capture_output=True,
@@ -106,7 +106,7 @@ def test_the_report_shows_both_revisions_and_the_environment_change(tmp_path: Pa
     missing = report("--gate", "nothing.txt")
     assert (missing.returncode, missing.stderr) == (
         1,
-        "error: nothing.txt: no verdict; run `python -m stages.validate --verdict nothing.txt` first\n",
+        "error: nothing.txt: no verdict; run `wardrobe validate --verdict nothing.txt` first\n",
     )
     assert report().returncode == 0
     assert "; validation gate: not run; " in (tmp_path / "report.md").read_text().splitlines()[2]

@@ -14,13 +14,13 @@ import pytest
 import tensorflow as tf
 import yaml
 
-from stages.common import WardrobeError, enable_determinism
-from stages.modelfile import ModelRecord, Views, load_model, save_model
-from stages.outputs import HISTORY_COLUMNS
-from stages.params import parse_params
-from stages.prepare import normalize
-from stages.train import dtype_policy, fit, make_dataset, settled_bn_momentum
 from tests.conftest import CLASS_NAMES, FASHION_INFO, REPO, module_env, synthetic_images
+from wardrobe.common import WardrobeError, enable_determinism
+from wardrobe.data.preparation import normalize
+from wardrobe.model.file import ModelRecord, Views, load_model, save_model
+from wardrobe.outputs import HISTORY_COLUMNS
+from wardrobe.params import parse_params
+from wardrobe.training import dtype_policy, fit, make_dataset, settled_bn_momentum
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,7 @@ def test_dataset_batches_and_shuffles_deterministically() -> None:
 
 
 def test_batch_augmentation_flips_and_shifts_deterministically() -> None:
-    from stages.train import augment_batch
+    from wardrobe.training import augment_batch
 
     image = np.zeros((28, 28), np.float32)
     image[10, 3] = 1.0  # one bright pixel: where it lands says what happened to the image
@@ -102,7 +102,7 @@ def test_alternating_flips_mirror_each_image_every_other_epoch() -> None:
 
 
 def test_linear_schedule_rises_then_falls_to_zero() -> None:
-    from stages.layers import WarmupLinearDecay
+    from wardrobe.model.layers import WarmupLinearDecay
 
     schedule = WarmupLinearDecay(0.01, warmup_steps=10, total_steps=110)
     values = [float(schedule(step)) for step in (0, 5, 10, 60, 110, 200)]
@@ -113,7 +113,7 @@ def test_linear_schedule_rises_then_falls_to_zero() -> None:
 
 
 def test_batchnorm_bias_rate_scales_only_the_biases_step() -> None:
-    from stages.layers import ScaledBiasAdamW
+    from wardrobe.model.layers import ScaledBiasAdamW
 
     def one_step(optimizer: keras.optimizers.Optimizer) -> list[np.ndarray]:
         keras.utils.set_random_seed(0)
@@ -258,8 +258,8 @@ def test_fit_leaves_op_determinism_to_the_entry_point(tmp_path: Path) -> None:
     code = f"""
 import numpy as np, yaml
 from pathlib import Path
-from stages.params import compose, parse_params
-from stages.train import fit
+from wardrobe.params import compose, parse_params
+from wardrobe.training import fit
 from tensorflow.python.framework import config  # (is_op_determinism_enabled is not public)
 params = parse_params(yaml.safe_load(compose(Path({str(REPO / "conf")!r}), ["train=mlp", "train.epochs=1"]))).train
 x, y = np.random.default_rng(0).random((20, 28, 28), dtype=np.float32), np.arange(20, dtype=np.uint8) % 10

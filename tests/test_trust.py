@@ -1,6 +1,6 @@
 """Probabilities you can trust, on a small real run that learns its synthetic data well (little
 noise, 8 epochs of the mlp recipe) with some labels flipped on purpose: the flag for pictures
-unlike the training data in wardrobe-predict, and the label audit (stages/audit.py)."""
+unlike the training data in wardrobe predict, and the label audit (wardrobe/cli/audit.py)."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stages.audit import label_issues
-from stages.calibration import scrambled
-from stages.modelfile import load_keras_classifier
-from stages.outputs import MODEL_PATH
 from tests.conftest import TINY, committed_params, run_module, write_idx_dir, write_params
+from wardrobe.calibration import scrambled
+from wardrobe.cli.audit import label_issues
+from wardrobe.model.file import load_keras_classifier
+from wardrobe.outputs import MODEL_PATH
 
 
 def test_only_confidently_disputed_labels_are_issues_ranked_lowest_first() -> None:
@@ -63,13 +63,13 @@ def test_a_picture_unlike_the_training_data_is_flagged_and_a_test_image_is_not(p
     odd = str(tmp_path / "odd.npy")
     np.save(odd, np.stack([x_test[surest], scrambled(x_test[surest : surest + 1])[0]]))
     for runtime in ("keras", "onnx"):
-        result = run_module("stages.predict", odd, "--json", "--runtime", runtime, cwd=project)
+        result = run_module("wardrobe", "predict", odd, "--json", "--runtime", runtime, cwd=project)
         assert result.returncode == 0, result.stderr
         answers = [json.loads(line) for line in result.stdout.splitlines()]
         assert [a["unlike_training"] for a in answers] == [False, True], answers
         threshold = classifier.record.distance_threshold
         assert answers[0]["distance"] <= threshold < answers[1]["distance"], answers
-    human = run_module("stages.predict", odd, cwd=project).stdout.splitlines()
+    human = run_module("wardrobe", "predict", odd, cwd=project).stdout.splitlines()
     assert "unlike the training data" not in human[0]
     assert human[1].endswith(f"(over {threshold:.1f}); the class may be wrong]"), human
 
@@ -78,7 +78,7 @@ def test_a_picture_unlike_the_training_data_is_flagged_and_a_test_image_is_not(p
 def test_the_audit_finds_labels_flipped_on_purpose(project: Path) -> None:
     """The flipped test labels top the list (named by IDX file and index), and with --folds 2 the
     flipped training labels are found too; the grid is a PNG."""
-    result = run_module("stages.audit", "--top", "12", cwd=project)
+    result = run_module("wardrobe", "audit", "--top", "12", cwd=project)
     assert result.returncode == 0, result.stderr
     with open(project / "audit/label_issues.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
@@ -89,7 +89,7 @@ def test_the_audit_finds_labels_flipped_on_purpose(project: Path) -> None:
     with Image.open(project / "audit/label_issues.png") as grid:
         assert grid.format == "PNG" and grid.size[0] > 1000
 
-    result = run_module("stages.audit", "--folds", "2", "--out", "with-folds", cwd=project, timeout=300)
+    result = run_module("wardrobe", "audit", "--folds", "2", "--out", "with-folds", cwd=project, timeout=300)
     assert result.returncode == 0, result.stderr
     with open(project / "with-folds/label_issues.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
@@ -100,6 +100,6 @@ def test_the_audit_finds_labels_flipped_on_purpose(project: Path) -> None:
 
 @pytest.mark.pipeline
 def test_the_audit_refuses_bad_arguments_in_one_line(tmp_path: Path) -> None:
-    result = run_module("stages.audit", "--folds", "1", cwd=tmp_path)
-    assert result.returncode == 1
-    assert result.stderr == "error: audit: --top must be >= 1 and --folds 0 (off) or >= 2\n"
+    result = run_module("wardrobe", "audit", "--folds", "1", cwd=tmp_path)
+    assert result.returncode == 2  # a usage error, argparse's status
+    assert result.stderr == "error: --top must be >= 1 and --folds 0 (off) or >= 2 (usage: wardrobe audit --help)\n"

@@ -1,4 +1,4 @@
-"""stages/validate.py, and the CI loop around it, with real dvc, git and make in a temp repo."""
+"""wardrobe/cli/validate.py, and the CI loop around it, with real dvc, git and make in a temp repo."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def clean(project: tuple[Path, dict]):
 
 
 def validate(repo: Path, *args: str):
-    return sh(repo, "python", "-m", "stages.validate", *args, check=False)
+    return sh(repo, "python", "-m", "wardrobe", "validate", *args, check=False)
 
 
 def _tamper_metrics(repo: Path) -> None:
@@ -157,11 +157,13 @@ def _python_without_dvc(folder: Path) -> Path:
 
 def _validate_with(python: Path | str, repo: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PATH": BARE_PATH}
-    return subprocess.run([str(python), "-m", "stages.validate"], cwd=repo, env=env, capture_output=True, text=True)
+    return subprocess.run(
+        [str(python), "-m", "wardrobe", "validate"], cwd=repo, env=env, capture_output=True, text=True
+    )
 
 
 def test_validate_from_the_venv_python_needs_no_activated_venv(clean: Path) -> None:
-    """`.venv/bin/python -m stages.validate` takes the dvc installed beside that Python."""
+    """`.venv/bin/wardrobe validate` takes the dvc installed beside that Python."""
     assert shutil.which("dvc", path=BARE_PATH) is None, "dvc on the bare PATH would hide the lookup"
     result = _validate_with(sys.executable, clean)
     assert result.returncode == 0, result.stderr

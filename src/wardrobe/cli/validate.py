@@ -2,7 +2,7 @@
 
 CI runs it after `dvc repro`: outputs exist and are well-formed, quality gates from
 `params.yaml` hold, `dvc.lock` is fresh, and (with --against REV) accuracy did not drop.
-Usage: python -m stages.validate [--against REV]
+Usage: wardrobe validate [--against REV]
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ import pandas as pd
 import yaml
 from PIL import Image, UnidentifiedImageError
 
-from stages.common import (
+from wardrobe.cli import OneLineParser
+from wardrobe.common import (
     WardrobeError,
     complete_text,
     read_dataset,
@@ -29,7 +30,7 @@ from stages.common import (
     split_paths,
     write_text_atomic,
 )
-from stages.outputs import (
+from wardrobe.outputs import (
     CLASS_SCORES,
     CONFUSION_CSV,
     CSV_COLUMNS,
@@ -48,8 +49,8 @@ from stages.outputs import (
     STAGE_OUTPUTS,
     parity_problem,
 )
-from stages.params import CONF_DIR, PARAMS_FILE, ValidateParams, compose, disagreements, load_params
-from stages.plumbing import file_at, find_tool
+from wardrobe.params import CONF_DIR, PARAMS_FILE, ValidateParams, compose, disagreements, load_params
+from wardrobe.plumbing import file_at, find_tool
 
 MIN_PNG_SIDE = 200
 
@@ -272,13 +273,7 @@ def validate(against: str | None) -> tuple[list[str], list[str]]:
     return problems + stale_stages(), notes
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description="Check the pipeline's outputs (CI gate).")
-    parser.add_argument("--against", metavar="REV", help="fail if test accuracy dropped vs. REV's metrics")
-    parser.add_argument(
-        "--verdict", type=Path, metavar="FILE", help="also write the problems to FILE, one per line (for the report)"
-    )
-    args = parser.parse_args()
+def run(args: argparse.Namespace) -> None:
     try:
         problems, notes = validate(args.against)
     except WardrobeError as error:
@@ -294,5 +289,11 @@ def main() -> None:
     print("validate: all outputs present, well-formed, within quality gates and fresh")
 
 
-if __name__ == "__main__":
-    run_main(main)
+def main(argv: list[str] | None = None) -> None:
+    parser = OneLineParser(prog="wardrobe validate", description="Check the pipeline's outputs (CI gate).")
+    parser.add_argument("--against", metavar="REV", help="fail if test accuracy dropped vs. REV's metrics")
+    parser.add_argument(
+        "--verdict", type=Path, metavar="FILE", help="also write the problems to FILE, one per line (for the report)"
+    )
+    args = parser.parse_args(argv)
+    run_main(lambda: run(args))

@@ -1,7 +1,7 @@
 """predict: classify your own images with the trained model.
 
-    python -m stages.predict PATH... [--model M] [--runtime auto|keras|onnx] [--top-k K] [--json] [--batch-size B]
-    wardrobe-predict PATH...
+    wardrobe predict PATH... [--model M] [--runtime auto|keras|onnx] [--top-k K] [--json] [--batch-size B]
+    wardrobe predict PATH...
 
 Two runtimes give the same answers: keras (data/model/model.keras, TensorFlow) and onnx
 (data/export/model.onnx from the export stage, ONNX Runtime only: TensorFlow is never imported,
@@ -24,14 +24,14 @@ import importlib.util
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn
 
 import numpy as np
 from PIL import Image
 
-from stages.common import WardrobeError, complete_text, run_main, shape_text
-from stages.images import IMAGE_SUFFIXES, decode_image, resize
-from stages.modelfile import (
+from wardrobe.cli import OneLineParser
+from wardrobe.common import WardrobeError, complete_text, run_main, shape_text
+from wardrobe.data.images import IMAGE_SUFFIXES, decode_image, resize
+from wardrobe.model.file import (
     Classifier,
     ModelRecord,
     OnnxClassifier,
@@ -40,14 +40,14 @@ from stages.modelfile import (
     load_onnx_classifier,
     read_record,
 )
-from stages.outputs import MODEL_PATH, ONNX_PATH
+from wardrobe.outputs import MODEL_PATH, ONNX_PATH
 
 # Pixels at most this dark (0..255) count as background when finding the object's bounding box.
 BACKGROUND_LEVEL = 24
 # An input whose pixels span less than this after preprocessing (0..1) carries no picture: an
 # all-black image, a blank page, a transparent PNG. The model still answers; the output says blank.
 BLANK_RANGE = 8 / 255
-SOURCE_PROJECT = Path(__file__).resolve().parents[1]  # where an editable install (make venv) lives
+SOURCE_PROJECT = Path(__file__).resolve().parents[3]  # where an editable install (make venv) lives
 
 
 @dataclass(frozen=True)
@@ -204,16 +204,8 @@ def predict(classifier: Classifier, items: list[Item], batch_size: int) -> tuple
     return classifier.classify(pixels, batch_size)
 
 
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line like every other error (with where to read the
-    usage), exit status 2 as argparse's convention has it (1 is for bad inputs)."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"error: {message} (usage: {self.prog} --help)\n")
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = OneLineParser(prog="wardrobe-predict", description="Classify images with the trained model.")
+    parser = OneLineParser(prog="wardrobe predict", description="Classify images with the trained model.")
     parser.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="image files, folders, .npy arrays")
     parser.add_argument(
         "--model", type=Path, help=f"model file (default: {MODEL_PATH} for keras, {ONNX_PATH} for onnx)"
@@ -280,7 +272,3 @@ def run(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     run_main(lambda: run(args), debug=args.debug)
-
-
-if __name__ == "__main__":
-    main()

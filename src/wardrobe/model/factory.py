@@ -5,8 +5,8 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-from stages.layers import FusedBatchNormalization
-from stages.params import TrainParams
+from wardrobe.model.layers import FusedBatchNormalization
+from wardrobe.params import TrainParams
 
 
 def build_model(params: TrainParams, image_shape: tuple[int, ...], num_classes: int) -> keras.Model:

@@ -1,7 +1,7 @@
 """Which tf.distribute strategy train uses, and two fixes Keras 3 needs to fit() on several workers.
 
 Multi-worker training is TensorFlow's own MultiWorkerMirroredStrategy, configured from the
-`TF_CONFIG` environment variable (README "Scaling out"). Every worker runs the same training in
+`TF_CONFIG` environment variable (docs/scaling.md "Scaling out"). Every worker runs the same training in
 lockstep (gradients are all-reduced each step); only the chief writes the model and history.
 """
 
@@ -16,7 +16,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from stages.common import WardrobeError
+from wardrobe.common import WardrobeError
 
 
 def check_tf_config(raw: str | None) -> None:

@@ -95,7 +95,7 @@ def brier(probs: np.ndarray, labels: np.ndarray) -> float:
 
 
 # The flag for pictures unlike the training data (issue #36). The top probability was tried first
-# and kept only ~45 % of out-of-distribution pictures out at 95 % acceptance (BENCHMARKS.md,
+# and kept only ~45 % of out-of-distribution pictures out at 95 % acceptance (docs/benchmarks.md,
 # "A flag for pictures unlike the training data"); the distance of a picture's features (the model's
 # last hidden layer, the unmoved view) from the nearest class of the training images' features,
 # measured in their shared covariance (Mahalanobis; Lee et al. 2018), keeps out 96-100 % of them.

@@ -10,13 +10,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from stages.common import WardrobeError
+from wardrobe.common import WardrobeError
 
 
 def find_tool(name: str) -> str:
     """The `name` command installed next to the running Python (the venv's dvc), else on PATH.
 
-    So `.venv/bin/python -m stages.validate` works without activating the venv.
+    So `.venv/bin/wardrobe validate` works without activating the venv.
     """
     beside = Path(sys.executable).parent / name
     if beside.is_file() and os.access(beside, os.X_OK):

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from stages.common import WardrobeError, complete_text
+from wardrobe.common import WardrobeError, complete_text
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif"}
 # Decoding is refused above this many pixels (a 64-megapixel photo), before any pixel is read.

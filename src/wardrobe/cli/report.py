@@ -7,7 +7,7 @@
 3. Per-class F1 with its change, and the confusion-matrix cells that moved most.
 4. `dvc metrics diff` (the environment record included) and `dvc params diff`.
 
-Usage: python -m stages.report [--base REV] [--out report.md]
+Usage: wardrobe report [--base REV] [--out report.md]
 """
 
 from __future__ import annotations
@@ -22,9 +22,18 @@ from pathlib import Path
 
 import pandas as pd
 
-from stages.common import WardrobeError, complete_text, markdown_table, read_csv, read_json, run_main, write_text_atomic
-from stages.outputs import CONFUSION_CSV, CONFUSION_PNG, METRICS_PATH, PER_CLASS_CSV, mistake_counts
-from stages.plumbing import file_at, find_tool
+from wardrobe.cli import OneLineParser
+from wardrobe.common import (
+    WardrobeError,
+    complete_text,
+    markdown_table,
+    read_csv,
+    read_json,
+    run_main,
+    write_text_atomic,
+)
+from wardrobe.outputs import CONFUSION_CSV, CONFUSION_PNG, METRICS_PATH, PER_CLASS_CSV, mistake_counts
+from wardrobe.plumbing import file_at, find_tool
 
 IMAGES_DIR = "report_images"  # next to report.md
 TOP_MOVES = 5
@@ -143,23 +152,16 @@ def csv_text(text: str | None) -> pd.DataFrame | None:
 
 
 def read_verdict(path: Path) -> list[str]:
-    """The gate's problems as `python -m stages.validate --verdict PATH` wrote them, one per line."""
+    """The gate's problems as `wardrobe validate --verdict PATH` wrote them, one per line."""
     try:
         return path.read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
-        raise WardrobeError(f"{path}: no verdict; run `python -m stages.validate --verdict {path}` first") from None
+        raise WardrobeError(f"{path}: no verdict; run `wardrobe validate --verdict {path}` first") from None
     except OSError as exc:
         raise WardrobeError(f"{path}: cannot read the gate's verdict: {exc.strerror}") from exc
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description="Write a markdown report of this workspace against a revision.")
-    parser.add_argument("--base", default="HEAD", help="revision to compare with (default: HEAD)")
-    parser.add_argument("--out", type=Path, default=Path("report.md"))
-    parser.add_argument(
-        "--gate", type=Path, metavar="VERDICT", help="the validation gate's verdict file (stages.validate --verdict)"
-    )
-    args = parser.parse_args()
+def run(args: argparse.Namespace) -> None:
     problems = read_verdict(args.gate) if args.gate else None
     base_metrics_text = file_at(args.base, METRICS_PATH)[0]
     base_metrics = json.loads(base_metrics_text) if base_metrics_text else None
@@ -190,5 +192,17 @@ def main() -> None:
     print(f"report: wrote {args.out} and {len(images) - 1} pictures in {images_dir}")
 
 
-if __name__ == "__main__":
-    run_main(main)
+def main(argv: list[str] | None = None) -> None:
+    parser = OneLineParser(
+        prog="wardrobe report", description="Write a markdown report of this workspace against a revision."
+    )
+    parser.add_argument("--base", default="HEAD", help="revision to compare with (default: HEAD)")
+    parser.add_argument("--out", type=Path, default=Path("report.md"))
+    parser.add_argument(
+        "--gate",
+        type=Path,
+        metavar="VERDICT",
+        help="the validation gate's verdict file (wardrobe validate --verdict)",
+    )
+    args = parser.parse_args(argv)
+    run_main(lambda: run(args))

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from stages.calibration import ECE_BINS, TEMPERATURE_RANGE, auroc, brier, ece, reliability, unlike_training
+from wardrobe.calibration import ECE_BINS, TEMPERATURE_RANGE, auroc, brier, ece, reliability, unlike_training
 
 if TYPE_CHECKING:  # imported where used: predict's TensorFlow-free install has no pandas
     import pandas as pd
@@ -30,7 +30,7 @@ METRICS_PATH = Path("metrics/metrics.json")
 ENVIRONMENT_JSON = Path("metrics/environment.json")  # train's library versions, device, precision
 HISTORY_CSV = Path("plots/train_history.csv")
 # train's live log: DVCLive's Keras callback rewrites it after every epoch (the chief's only), so
-# `dvc exp show` shows a running experiment's latest epoch (README "Following a run live").
+# `dvc exp show` shows a running experiment's latest epoch (docs/experiments.md, "Following a run live").
 LIVE_DIR = Path("dvclive")
 LIVE_METRICS = LIVE_DIR / "metrics.json"  # step (epochs from 0), train.{accuracy,loss}, eval.{...}
 CONFUSION_CSV = Path("plots/confusion.csv")
@@ -39,13 +39,13 @@ CURVES_PNG = Path("plots/training_curves.png")
 CONFUSION_PNG = Path("plots/confusion_matrix.png")
 PREDICTIONS_PNG = Path("plots/predictions.png")
 # evaluate's reliability diagram: per bin of the top probability, the test accuracy with and
-# without the model file's temperature (README "Probabilities you can trust").
+# without the model file's temperature (docs/trust.md "Probabilities you can trust").
 CALIBRATION_CSV = Path("plots/calibration.csv")
 # evaluate's (calibrated) probabilities of every test image, float32 N×classes: export's parity
 # reference, so the Keras model runs the test images' views once between the two stages.
 TEST_PROBS = Path("data/predictions/test.npy")
 RELIABILITY_PNG = Path("plots/reliability.png")
-# export: the model in serving formats, test-time augmentation inside (README "Serving the model").
+# export: the model in serving formats, test-time augmentation inside (docs/serving.md "Serving the model").
 SAVED_MODEL_DIR = Path("data/export/saved_model")  # TF Serving's model base path: version 1/ inside
 ONNX_PATH = Path("data/export/model.onnx")
 EXPORT_JSON = Path("metrics/export.json")  # parity of each format with the Keras model

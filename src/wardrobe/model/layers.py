@@ -16,7 +16,7 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
     the step of a small convnet is bound by that elementwise traffic, not by the convolutions.
     FusedBatchNormV3 does it in one pass (oneDNN has its own kernel for it): with oneDNN on an
     AVX-512 EPYC, round 2's cnn step ran 1.15× as fast with it, a two-conv block 1.7× (probes
-    of BENCHMARKS.md, round 3); with Eigen it changes nothing.
+    of docs/benchmarks.md, round 3); with Eigen it changes nothing.
     Same weights, same config and the same inference path as the parent (moving statistics), so
     the file loads in safe mode (this module registers it) and exports like any BatchNorm. Only
     4-D float32 inputs over the last axis take the fused path; anything else is the parent's.

@@ -9,7 +9,6 @@ so a key added by hand re-runs the stage and `load_section` rejects it here, nam
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import types
@@ -21,7 +20,7 @@ from typing import Any, Literal
 
 import yaml
 
-from stages.common import WardrobeError, run_main, write_text_atomic
+from wardrobe.common import WardrobeError
 
 PARAMS_FILE = Path("params.yaml")
 CONF_DIR = Path("conf")
@@ -76,7 +75,7 @@ class DataParams:
     # folder only: every picture is resized to height × width, in grayscale (1) or RGB (3).
     image_size: tuple[int, ...] | None = field(default=None, metadata={**IMAGE_SIZE, "format": "folder"})
     channels: int | None = field(default=None, metadata={**CHANNELS, "format": "folder"})
-    # wardrobe-predict: object = invert a light background and crop to the object; resize = plain.
+    # wardrobe predict: object = invert a light background and crop to the object; resize = plain.
     photo_fit: Literal["object", "resize"]
 
     def __post_init__(self) -> None:
@@ -190,7 +189,7 @@ class TrainParams:
     # Also average over copies moved this many pixels up, down, left and right (×2 with flip-TTA:
     # 10 views for 1 px); 0 = off. Also saved in the model file. Costs one inference per view.
     tta_shift: int = field(metadata=_rule(lambda v: 0 <= v <= 3, "must be in 0..3"))
-    # After training: fit one temperature on the validation split (stages/calibration.py) so the
+    # After training: fit one temperature on the validation split (wardrobe/calibration.py) so the
     # probabilities mean what they say; saved in the model file, applied by every format.
     calibrate: bool
     # The feature distance beyond which a picture is flagged as unlike the training data: the one
@@ -216,7 +215,7 @@ UNIT = _rule(lambda v: 0 <= v <= 1, "must be in [0, 1]")
 
 @dataclass(frozen=True)
 class ValidateParams:
-    # Quality gates `python -m stages.validate` applies to metrics/metrics.json.
+    # Quality gates `wardrobe validate` applies to metrics/metrics.json.
     min_accuracy: float = field(metadata=UNIT)
     min_class_f1: float = field(metadata=UNIT)
     # With --against REV: the largest allowed drop in test accuracy versus REV's metrics.
@@ -317,20 +316,6 @@ def disagreements(params: Any, composed: Any, where: str = "") -> list[tuple[str
     return [] if params == composed else [(where.rstrip("."), params, composed)]
 
 
-def main() -> None:
-    """`python -m stages.params [OVERRIDE...]` (`make params`): write params.yaml from conf/, as
-    `dvc exp run` would, without running anything; refuse a composition that does not validate."""
-    parser = argparse.ArgumentParser(description="Compose params.yaml from conf/ (Hydra), as dvc exp run does.")
-    parser.add_argument("overrides", nargs="*", metavar="OVERRIDE", help="e.g. train=long train.epochs=10")
-    text = compose(CONF_DIR, parser.parse_args().overrides)
-    try:
-        parse_params(yaml.safe_load(text))
-    except WardrobeError as exc:
-        raise WardrobeError(f"{CONF_DIR}: composed params: {exc}") from exc
-    write_text_atomic(PARAMS_FILE, text)
-    print(f"params: wrote {PARAMS_FILE} from {CONF_DIR}/")
-
-
 def _build(cls: type, raw: Any, where: str) -> Any:
     values = _as_mapping(raw, where)
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -413,7 +398,3 @@ def _reject_unknown(values: Mapping[str, Any], allowed: set[str], prefix: str) -
     unknown = sorted(set(values) - allowed)
     if unknown:
         raise WardrobeError(f"{prefix}{unknown[0]}: unknown key (allowed: {', '.join(sorted(allowed))})")
-
-
-if __name__ == "__main__":
-    run_main(main)

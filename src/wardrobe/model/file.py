@@ -23,9 +23,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from stages.calibration import FeatureDensity, calibrate, unlike_training
-from stages.common import DatasetInfo, ImageFile, WardrobeError, complete_text, image_chunks, shape_text
-from stages.outputs import SERVING_DISTANCE, SERVING_OUTPUT
+from wardrobe.calibration import FeatureDensity, calibrate, unlike_training
+from wardrobe.common import DatasetInfo, ImageFile, WardrobeError, complete_text, image_chunks, shape_text
+from wardrobe.outputs import SERVING_DISTANCE, SERVING_OUTPUT
 
 # The record in the model file's metadata.json (save_model writes it) and in the ONNX graph's
 # metadata_props (export writes it, JSON-encoded values).
@@ -77,9 +77,9 @@ class ModelRecord:
     views: Views
     class_names: tuple[str, ...]
     image_shape: tuple[int, ...]  # height, width; then 3 for RGB
-    photo_fit: str  # how wardrobe-predict fits a photo to the training images (conf/data: photo_fit)
+    photo_fit: str  # how wardrobe predict fits a photo to the training images (conf/data: photo_fit)
     dataset: str
-    # train fits both on the validation split (stages/calibration.py): every reader of the file
+    # train fits both on the validation split (wardrobe/calibration.py): every reader of the file
     # applies the temperature to the averaged probabilities, and flags a picture whose feature
     # distance is beyond the threshold. A file from before they existed: 1 and no flag.
     temperature: float = 1.0
@@ -168,7 +168,7 @@ def keras_only(model: Any) -> Any:
     optimizers and schedules would need its code to load). Same predictions, bit for bit."""
     import keras
 
-    from stages.layers import FusedBatchNormalization
+    from wardrobe.model.layers import FusedBatchNormalization
 
     def clone(layer: Any) -> Any:
         kind = keras.layers.BatchNormalization if type(layer) is FusedBatchNormalization else type(layer)
@@ -237,7 +237,7 @@ def load_model(path: Path, record: ModelRecord | None = None) -> Any:
     images to the classes its file records."""
     import keras
 
-    import stages.layers  # noqa: F401  (registers the project's layers for deserialization)
+    import wardrobe.model.layers  # noqa: F401  (registers the project's layers for deserialization)
 
     record = record or read_record(path)
     try:

@@ -1,6 +1,6 @@
 """audit: the images whose label the trained model most disputes, ranked for a person to review.
 
-    python -m stages.audit [--top 50] [--folds K] [--out audit]
+    wardrobe audit [--top 50] [--folds K] [--out audit]
 
 Only out-of-sample predictions count: the validation and test splits, which the model never
 trained on; with --folds K also the training split, each fold predicted by a model of the same
@@ -13,7 +13,7 @@ The rule is confident learning's (Northcutt, Jiang and Chuang 2021, the default 
 label and the probability of its label is under that label's threshold, the mean probability the
 model gives the label over the images that carry it; issues are ranked by that probability, lowest
 first (cleanlab's `self_confidence`). It is a few lines of NumPy here: cleanlab would bring
-scikit-learn and SciPy into every install for the same arithmetic (README "Probabilities you can
+scikit-learn and SciPy into every install for the same arithmetic (docs/trust.md "Probabilities you can
 trust").
 
 Writes OUT/label_issues.csv (rank, split, row, origin: the picture's path or IDX file#index,
@@ -23,7 +23,6 @@ their labels and the model's answer). Not a DVC stage: run it when you want to c
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import tempfile
 from pathlib import Path
@@ -33,12 +32,12 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from stages.calibration import calibrate
-from stages.common import (
+from wardrobe.calibration import calibrate
+from wardrobe.cli import OneLineParser
+from wardrobe.common import (
     ORIGINS_FILE,
     SPLITS,
     ImageFile,
-    WardrobeError,
     atomic_path,
     enable_determinism,
     load_split,
@@ -46,8 +45,8 @@ from stages.common import (
     read_dataset,
     run_main,
 )
-from stages.modelfile import load_keras_classifier
-from stages.outputs import DIGITS, MODEL_PATH, PREPARED_DIR
+from wardrobe.model.file import load_keras_classifier
+from wardrobe.outputs import DIGITS, MODEL_PATH, PREPARED_DIR
 
 ISSUES_CSV, ISSUES_PNG = "label_issues.csv", "label_issues.png"
 COLUMNS = ("rank", "split", "row", "origin", "label", "predicted", "label_probability", "predicted_probability")
@@ -86,9 +85,9 @@ class Rows:
 def fold_probabilities(folds: int, x: ImageFile, y: np.ndarray, val: tuple[ImageFile, np.ndarray]) -> np.ndarray:
     """Each training image's calibrated probabilities from a model of the recipe (params.yaml's
     train) trained on the other folds."""
-    from stages.modelfile import Views, decide_flip, predict_proba
-    from stages.params import TrainParams, load_section
-    from stages.train import fit, validation_temperature
+    from wardrobe.model.file import Views, decide_flip, predict_proba
+    from wardrobe.params import TrainParams, load_section
+    from wardrobe.training import fit, validation_temperature
 
     params = load_section(TrainParams)
     classes = len(read_dataset(PREPARED_DIR).class_names)
@@ -167,17 +166,17 @@ def audit(top: int, folds: int, out: Path) -> pd.DataFrame:
     return frame
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description="Rank the images whose label the trained model disputes.")
+def main(argv: list[str] | None = None) -> None:
+    parser = OneLineParser(prog="wardrobe audit", description="Rank the images whose label the trained model disputes.")
     parser.add_argument("--top", type=int, default=50, help="pictures in the grid (default 50)")
     parser.add_argument("--folds", type=int, default=0, help="also audit the training split with K fold models")
     parser.add_argument("--out", type=Path, default=Path("audit"), help="output folder (default audit/)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.top < 1 or args.folds == 1 or args.folds < 0:
-        raise WardrobeError("audit: --top must be >= 1 and --folds 0 (off) or >= 2")
-    enable_determinism()
-    audit(args.top, args.folds, args.out)
+        parser.error("--top must be >= 1 and --folds 0 (off) or >= 2")
 
+    def run() -> None:
+        enable_determinism()
+        audit(args.top, args.folds, args.out)
 
-if __name__ == "__main__":
-    run_main(main)
+    run_main(run)

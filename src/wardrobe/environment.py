@@ -7,7 +7,7 @@ import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from stages.outputs import ENVIRONMENT_KEYS
+from wardrobe.outputs import ENVIRONMENT_KEYS
 
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # native bfloat16 multiplies (Zen 4, Sapphire Rapids)
 

@@ -1,8 +1,8 @@
 """Things every stage shares, defined once: the prepared dataset's record, errors, atomic writes, loading, seeding,
 the one-line-error entry point.
 
-Output paths and their contents are in stages/outputs.py; the model file and inference in
-stages/modelfile.py; helpers only the command-line tools use (not the stages) in stages/plumbing.py,
+Output paths and their contents are in wardrobe/outputs.py; the model file and inference in
+wardrobe/model/file.py; helpers only the command-line tools use (not the stages) in wardrobe/plumbing.py,
 so editing them re-runs nothing."""
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ class DatasetInfo:
     name: str
     class_names: tuple[str, ...]
     image_shape: tuple[int, ...]  # height, width; then 3 for RGB
-    photo_fit: str  # how wardrobe-predict fits a photo to these images (conf/data: photo_fit)
+    photo_fit: str  # how wardrobe predict fits a photo to these images (conf/data: photo_fit)
     counts: dict[str, int]
     # SHA-256 of what was read: the pinned file hashes (idx), every picture's name and bytes (folder).
     content_sha256: str

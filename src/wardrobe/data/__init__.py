@@ -1,0 +1,1 @@
+"""Datasets: the IDX and picture-folder readers, picture decoding, the prepared splits."""

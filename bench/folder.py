@@ -11,6 +11,7 @@ for byte. The ratio is what counts: absolute times differ between machines and r
 
 from __future__ import annotations
 
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -36,7 +37,8 @@ def write_pngs(root: Path, images: np.ndarray, labels: np.ndarray, folders: list
 def prepare_in(project: Path, params: dict) -> tuple[float, float]:
     project.mkdir()
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    seconds, rss_mb, _ = run_with_rusage([sys.executable, "-m", "stages.prepare"], cwd=project)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}  # the checkout's stages, as DVC runs them there
+    seconds, rss_mb, _ = run_with_rusage([sys.executable, "-m", "stages.prepare"], cwd=project, env=env)
     return seconds, rss_mb
 
 

@@ -68,7 +68,7 @@ def run_original(env: dict[str, str], work: Path) -> Row:
     return Row("original script (mlp, 5 epochs, batch 32)", wall, accuracy, rss, "one process")
 
 
-PROJECT_FILES = ("stages", "conf", "dvc.yaml", "params.yaml", ".dvc", "requirements.lock", "data/pictures")
+PROJECT_FILES = ("stages", "src", "conf", "dvc.yaml", "params.yaml", ".dvc", "requirements.lock", "data/pictures")
 
 
 def new_project(project: Path, overrides: list[str], extra_conf: dict[str, str] | None = None) -> str:
@@ -78,7 +78,7 @@ def new_project(project: Path, overrides: list[str], extra_conf: dict[str, str] 
     project.mkdir(parents=True)
     for item in PROJECT_FILES:
         source = REPO / item
-        ignore = shutil.ignore_patterns("__pycache__", "tmp", "cache", "config.local")
+        ignore = shutil.ignore_patterns("__pycache__", "tmp", "cache", "config.local", "*.egg-info")
         (shutil.copytree if source.is_dir() else shutil.copy)(
             source, project / item, **({"ignore": ignore} if source.is_dir() else {})
         )

@@ -43,11 +43,13 @@ def cold_start(command: list[str], repeats: int) -> tuple[float, float, str]:
     return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs), answers.pop()
 
 
-def run_with_rusage(command: list[str], cwd: Path | None = None) -> tuple[float, float, str]:
+def run_with_rusage(
+    command: list[str], cwd: Path | None = None, env: dict[str, str] | None = None
+) -> tuple[float, float, str]:
     """Like subprocess.run, plus the child's own peak RSS from wait4 (not the max over all children)."""
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         start = time.perf_counter()
-        process = subprocess.Popen(command, stdout=out, stderr=err, cwd=cwd)
+        process = subprocess.Popen(command, stdout=out, stderr=err, cwd=cwd, env=env)
         _, status, usage = os.wait4(process.pid, 0)
         seconds = time.perf_counter() - start
         process.returncode = os.waitstatus_to_exitcode(status)

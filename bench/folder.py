@@ -35,7 +35,7 @@ def write_pngs(root: Path, images: np.ndarray, labels: np.ndarray, folders: list
 
 
 def prepare_in(project: Path, params: dict) -> tuple[float, float]:
-    project.mkdir()
+    project.mkdir(exist_ok=True)
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {**os.environ, "PYTHONPATH": str(REPO)}  # the checkout's stages, as DVC runs them there
     seconds, rss_mb, _ = run_with_rusage([sys.executable, "-m", "stages.prepare"], cwd=project, env=env)
@@ -49,16 +49,18 @@ def main() -> None:
     folders = [f"{label}-{name.replace('/', '_')}" for label, name in enumerate(params.data.class_names or ())]
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        write_pngs(work / "pngs/train", x_train, y_train, folders)
-        write_pngs(work / "pngs/test", x_test, y_test, folders)
-        files = sum(1 for _ in (work / "pngs").rglob("*.png"))
-        png_mb = sum(path.stat().st_size for path in (work / "pngs").rglob("*.png")) / 2**20
+        # below the folder project's data/pictures/, the one place prepare reads pictures from
+        pngs = work / "folder/data/pictures/pngs"
+        write_pngs(pngs / "train", x_train, y_train, folders)
+        write_pngs(pngs / "test", x_test, y_test, folders)
+        files = sum(1 for _ in pngs.rglob("*.png"))
+        png_mb = sum(path.stat().st_size for path in pngs.rglob("*.png")) / 2**20
         folder_data = {
             "name": "Fashion-MNIST as PNGs",
             "description": "the same images, one PNG each",
             "format": "folder",
-            "root": str(work / "pngs/train"),
-            "test_root": str(work / "pngs/test"),
+            "root": "data/pictures/pngs/train",
+            "test_root": "data/pictures/pngs/test",
             "test_fraction": 0.2,
             "image_size": [28, 28],
             "channels": 1,

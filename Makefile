@@ -97,6 +97,7 @@ format: venv
 bench: venv dataset
 	$(PY) -m bench.run --steps
 	$(PY) -m bench.serve
+	$(PY) -m bench.serve_load
 	$(PY) -m bench.folder
 	$(PY) -m bench.scale
 	$(PY) -m bench.trust

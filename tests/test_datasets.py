@@ -9,7 +9,6 @@ import dataclasses
 import gzip
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -482,14 +481,30 @@ def test_a_folder_outside_data_pictures_is_refused_by_name(
     assert not (tmp_path / "data/prepared").exists()
 
 
+# Linux keeps a process's peak RSS across fork and exec: a stage forked from this pytest worker
+# would report the worker's own RSS (700 MB once it has loaded TensorFlow) as its peak. So a small,
+# fresh Python forks the stage and reports the stage's wait4 ru_maxrss.
+PEAK_RSS = """
+import os, subprocess, sys
+process = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+_, status, usage = os.wait4(process.pid, 0)
+sys.stderr.write(process.stderr.read().decode()[-2000:])
+print(os.waitstatus_to_exitcode(status), usage.ru_maxrss)
+"""
+
+
 def _peak_rss_mb(module: str, cwd: Path) -> float:
     """Run `python -m module` in `cwd` as DVC would; its peak resident set (wait4's ru_maxrss)."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", module], cwd=cwd, env=module_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    result = subprocess.run(
+        [sys.executable, "-c", PEAK_RSS, sys.executable, "-m", module],
+        cwd=cwd,
+        env=module_env(),
+        capture_output=True,
+        text=True,
     )
-    _, status, usage = os.wait4(process.pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0, process.stderr.read() if process.stderr else ""
-    return usage.ru_maxrss / 1024
+    code, maxrss_kb = result.stdout.split()
+    assert code == "0", result.stderr
+    return int(maxrss_kb) / 1024
 
 
 @pytest.mark.pipeline

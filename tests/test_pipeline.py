@@ -94,6 +94,7 @@ NOT_STAGES = (
     "src/wardrobe/__main__.py",
     "src/wardrobe/cli/__init__.py",
     "src/wardrobe/cli/predict.py",
+    "src/wardrobe/cli/serve.py",
     "src/wardrobe/cli/validate.py",
     "src/wardrobe/cli/report.py",
     "src/wardrobe/cli/audit.py",

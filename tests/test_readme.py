@@ -23,8 +23,10 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,7 +100,7 @@ DOCS = sorted((REPO / "docs").glob("*.md"))
 COMMANDS = [command for page in DOCS for command in readme_commands(page.read_text(encoding="utf-8"))]
 # The README's own commands: each is one a docs page shows and the tests run there, except the
 # two commands of its first section, which CI itself runs (.ci/run: make test; make ci: the pipeline).
-README_SECTIONS = ("Every day", "Train on your own pictures")
+README_SECTIONS = ("Every day", "Train on your own pictures", "Serve it")
 README_COMMANDS = readme_commands((REPO / "README.md").read_text(encoding="utf-8"), "## ", README_SECTIONS)
 
 
@@ -494,6 +496,47 @@ def _audit(clone: Clone, command: Command) -> None:
         assert grid.format == "PNG"
 
 
+SERVE_URL = "http://127.0.0.1:8000"
+
+
+def _serve(clone: Clone, command: Command) -> None:
+    """`wardrobe serve` as typed: it keeps running (the next command talks to it, then stops it)."""
+    server = subprocess.Popen(
+        ["bash", "-c", f"exec {command.text}"],
+        cwd=clone.path,
+        env={**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    clone.results["server"] = server
+    deadline = time.monotonic() + 60
+    while True:
+        assert server.poll() is None, server.stderr.read() if server.stderr else ""
+        assert time.monotonic() < deadline, "wardrobe serve was not ready in 60 s"
+        try:
+            with urllib.request.urlopen(SERVE_URL + "/ready", timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.2)
+
+
+def _serve_request(clone: Clone, command: Command) -> None:
+    """The running server answers boot.png with evaluate's class for it, then is stopped."""
+    server = clone.results.pop("server")
+    try:
+        assert shutil.which("curl"), "curl is not installed (.ci/run installs it)"
+        result = clone.run(command)
+        _ok(result)
+        answer = json.loads(result.stdout)
+        evaluated = pd.read_csv(clone.path / "plots/confusion.csv")["predicted"]
+        assert answer["pictures"][0]["top_k"][0]["class"] == evaluated[clone.results["test_rows"]["boot.png"]]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
 def _own_images_predict(clone: Clone, command: Command) -> None:
     for runtime in ("", " --runtime onnx"):
         result = clone.run(Command(command.section, command.text + runtime))
@@ -540,6 +583,8 @@ CHECKS: dict[str, Callable[[Clone, Command], None]] = {
     "wardrobe predict boot.png --runtime onnx": _as_shown,
     "wardrobe predict missing.png": _as_shown,
     "wardrobe audit --top 50": _audit,
+    "wardrobe serve": _serve,
+    f"curl --data-binary @boot.png {SERVE_URL}/predict": _serve_request,
 }
 
 

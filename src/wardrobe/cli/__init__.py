@@ -15,6 +15,7 @@ from typing import NoReturn
 # verb: (module with main(argv), what it does)
 VERBS: dict[str, tuple[str, str]] = {
     "predict": ("wardrobe.cli.predict", "classify pictures with the trained (or exported) model"),
+    "serve": ("wardrobe.cli.serve", "serve the exported model over HTTP: /predict, a page, health, metrics"),
     "validate": ("wardrobe.cli.validate", "check the pipeline's outputs against the contract and the quality gates"),
     "report": ("wardrobe.cli.report", "write a markdown report of this workspace against a revision"),
     "audit": ("wardrobe.cli.audit", "rank the images whose label the trained model disputes"),

@@ -90,12 +90,13 @@ def to_training_format(gray: np.ndarray, shape: tuple[int, int], photo_fit: str 
     return canvas.astype(np.float32) / 255.0
 
 
-def load_image(path: Path, record: ModelRecord) -> np.ndarray:
-    """Decode one image file (first frame) to the model's image shape; bad files raise WardrobeError."""
+def load_image(path: Path, record: ModelRecord, data: bytes | None = None) -> np.ndarray:
+    """Decode one image file (first frame; `data`: its bytes, already read) to the model's image
+    shape; bad files raise WardrobeError."""
     height, width, *channels = record.image_shape
     if channels:  # RGB: a plain resize (the object fit is for grayscale on black)
-        return resize(decode_image(path, 3), (height, width)).astype(np.float32) / 255.0
-    return to_training_format(decode_image(path, 1), (height, width), record.photo_fit)
+        return resize(decode_image(path, 3, data), (height, width)).astype(np.float32) / 255.0
+    return to_training_format(decode_image(path, 1, data), (height, width), record.photo_fit)
 
 
 def load_array(path: Path, shape: tuple[int, ...]) -> np.ndarray:
@@ -229,6 +230,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def answer(best: list[tuple[str, float]], blank: bool, unlike: bool, distance: float) -> dict:
+    """One picture's answer as --json prints it and `wardrobe serve` returns it."""
+    return {
+        "top_k": [{"class": c, "probability": round(p, 6)} for c, p in best],
+        "blank": blank,
+        "unlike_training": unlike,
+        "distance": round(distance, 4),
+    }
+
+
 BLANK_NOTE = "  [blank: nothing left to classify after preprocessing; the answer means nothing]"
 
 
@@ -256,14 +267,7 @@ def run(args: argparse.Namespace) -> None:
     answers = zip(items, top_k(probs, args.top_k, names), distances.tolist(), unlike.tolist(), strict=True)
     for item, best, distance, strange in answers:
         if args.json:
-            answer = {
-                "path": item.label,
-                "top_k": [{"class": c, "probability": round(p, 6)} for c, p in best],
-                "blank": item.blank,
-                "unlike_training": strange,
-                "distance": round(distance, 4),
-            }
-            print(json.dumps(answer))
+            print(json.dumps({"path": item.label, **answer(best, item.blank, strange, distance)}))
         else:
             note = BLANK_NOTE if item.blank else unlike_note(distance, record.distance_threshold) if strange else ""
             print(f"{item.label}: " + ", ".join(f"{c} ({p:.3f})" for c, p in best) + note)

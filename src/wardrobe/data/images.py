@@ -19,6 +19,10 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif"}
 MAX_PIXELS = 64_000_000
 
 
+class PictureTooLarge(WardrobeError):
+    """A picture over MAX_PIXELS (or PIL's own decompression-bomb limit): refused unread."""
+
+
 def decode_image(path: Path, channels: int, data: bytes | None = None) -> np.ndarray:
     """One image file (first frame) as uint8 H×W (channels 1: grayscale) or H×W×3 (RGB);
     transparent parts become white. A bad file raises WardrobeError naming it. `data`: the file's
@@ -42,7 +46,7 @@ def decode_image(path: Path, channels: int, data: bytes | None = None) -> np.nda
             rgb = image.convert("RGB")
             pixels = np.asarray(ImageOps.grayscale(rgb) if channels == 1 else rgb)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise WardrobeError(f"{path}: image is over the {MAX_PIXELS:,}-pixel cap") from exc
+        raise PictureTooLarge(f"{path}: image is over the {MAX_PIXELS:,}-pixel cap") from exc
     except UnidentifiedImageError as exc:
         raise WardrobeError(f"{path}: not a readable image ({type(exc).__name__})") from exc
     except (OSError, ValueError, SyntaxError) as exc:

@@ -1,10 +1,5 @@
-"""card: metrics/model_card.md, the model card of this run, for whoever gets the artifact.
-
-Every number in it is read from the run's own files (params.yaml, the prepared data's record, the
-model file's record, metrics/*.json, plots/*.csv), so it cannot disagree with them; no dates, so the
-same run writes the same bytes. It needs neither TensorFlow nor ONNX Runtime, so it is cheap to
-re-run when only its wording changes.
-"""
+"""card: metrics/model_card.md, the model card of this run, from the run's own files
+(src/wardrobe/card.py says which, and why it needs neither TensorFlow nor ONNX Runtime)."""
 
 from __future__ import annotations
 

@@ -1,22 +1,6 @@
-"""export: the trained model in the formats serving systems load, each checked against Keras.
-
-- data/export/saved_model/1/: a TensorFlow SavedModel in TF Serving's versioned layout (model base
-  path data/export/saved_model, version 1); signature `serving_default`.
-- data/export/model.onnx: the same graph for ONNX Runtime (Keras' own exporter, which runs tf2onnx).
-
-Both take `image`, float32 N×height×width in [0, 1], and return `probabilities`, float32 N×classes
-(the prepared data's shape and class count), and `distance`, float32 N: how far each picture's
-features are from the training images' (calibration.FeatureDensity; beyond the threshold the model
-file records, the picture is unlike the training data). Both contain the test-time augmentation
-the model file records (the mirrored and shifted views, averaged) and the temperature, so a served
-model answers what evaluate measured, with no code on the client's side.
-
-Parity: on every test image, each format must choose the Keras model's class (evaluate's
-probabilities, data/predictions/test.npy: the Keras model runs the test images once) for at least
-PARITY_TOP1 of them, give every probability within PARITY_ATOL of it, and flag the same pictures
-as the Keras model's feature distances for at least PARITY_TOP1 of them (metrics/export.json keeps
-the measured numbers). Otherwise the stage fails in one line and the previous export stays.
-"""
+"""export: the trained model in the formats serving systems load (a SavedModel and an ONNX file),
+each checked against Keras before it replaces the last; src/wardrobe/model/export.py has the
+formats, their inputs and outputs, and the parity gate."""
 
 from __future__ import annotations
 

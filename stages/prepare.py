@@ -1,10 +1,5 @@
-"""prepare: read the dataset (params `data`, conf/data/), verify it, normalize, split, save `.npy`
-and record what it made (dataset.json: class names, image shape, counts, a hash of the content).
-
-IDX datasets: each file comes from the first source in `data.sources` whose decompressed bytes
-match the pinned SHA-256, so a recompressed local copy (Debian's package) and the upstream mirrors
-agree. Image folders: ROOT/CLASS/PICTURE, every picture decoded and resized to `data.image_size`.
-"""
+"""prepare: read the dataset (params `data`), verify, normalize, split and save it as `.npy` in
+data/prepared/ (src/wardrobe/data/preparation.py has the IDX and picture-folder paths)."""
 
 from __future__ import annotations
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import hashlib
 import json
 import time
 from collections.abc import AsyncIterator
@@ -38,7 +37,7 @@ from wardrobe.cli import OneLineParser
 from wardrobe.cli.predict import Item, answer, load_image, project_file, top_k
 from wardrobe.common import WardrobeError, run_main
 from wardrobe.data.images import PictureTooLarge
-from wardrobe.model.file import OnnxClassifier, load_onnx_classifier
+from wardrobe.model.file import OnnxClassifier, file_sha256, load_onnx_classifier
 from wardrobe.outputs import MODEL_CARD, ONNX_PATH
 
 PAGE = Path(__file__).resolve().parent.parent / "page.html"  # package data
@@ -127,10 +126,6 @@ class Batcher:
                 if not future.done():
                     future.set_result((probs[start:end], distances[start:end]))
                 start = end
-
-
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 async def read_body(request: Any, limit: int) -> bytes:

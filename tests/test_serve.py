@@ -24,7 +24,8 @@ import pytest
 from PIL import Image
 
 from tests.conftest import module_env, run_module
-from wardrobe.outputs import ONNX_PATH
+from wardrobe.model.file import load_onnx_classifier
+from wardrobe.outputs import ONNX_PATH, SERVING_DISTANCE
 
 pytestmark = pytest.mark.pipeline  # a server and wardrobe predict in subprocesses
 
@@ -174,9 +175,51 @@ def test_each_bad_request_gets_its_code_and_the_next_good_one_works(server: Serv
     assert "wardrobe_batch_pictures_bucket" in metrics and "wardrobe_request_seconds_bucket" in metrics
 
 
-def test_an_overload_gets_503s_and_recovers(tiny_run: Path) -> None:
-    """A queue of one request and no batching, 24 clients sending 300 pictures each at once."""
-    overloaded = Server(tiny_run, "--max-queue", "1", "--no-batching")
+def slower_model(source: Path, target: Path, width: int = 2048, layers: int = 4) -> None:
+    """`source` with a heavy branch that changes no answer: `layers` width×width products of the
+    pixels, whose sum times zero is added to the distance. The tiny MLP classifies faster than the
+    server decodes pictures, so its queue never fills; this real ONNX Runtime work (a few ms a
+    picture) lets requests outrun the model, as the default model under load does."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.load(source)
+    graph = model.graph
+    producer = next(node for node in graph.node if SERVING_DISTANCE in node.output)
+    producer.output[list(producer.output).index(SERVING_DISTANCE)] = "light_distance"
+    pixels = int(np.prod([d.dim_value for d in graph.input[0].type.tensor_type.shape.dim[1:]]))
+    rng = np.random.default_rng(0)
+    graph.initializer.extend(
+        [
+            numpy_helper.from_array((rng.standard_normal((pixels, width)) * 0.01).astype(np.float32), "heavy_in"),
+            numpy_helper.from_array((rng.standard_normal((width, width)) * 0.01).astype(np.float32), "heavy_w"),
+            numpy_helper.from_array(np.array([1], np.int64), "heavy_axes"),
+            helper.make_tensor("heavy_zero", TensorProto.FLOAT, [], [0.0]),
+        ]
+    )
+    nodes = [helper.make_node("Flatten", [graph.input[0].name], ["heavy_0"], axis=1)]
+    nodes.append(helper.make_node("MatMul", ["heavy_0", "heavy_in"], ["heavy_1"]))
+    for layer in range(1, layers + 1):
+        nodes.append(helper.make_node("MatMul", [f"heavy_{layer}", "heavy_w"], [f"heavy_{layer + 1}"]))
+    nodes.append(helper.make_node("ReduceSum", [f"heavy_{layers + 1}", "heavy_axes"], ["heavy_sum"], keepdims=0))
+    nodes.append(helper.make_node("Mul", ["heavy_sum", "heavy_zero"], ["heavy_nothing"]))
+    nodes.append(helper.make_node("Add", ["light_distance", "heavy_nothing"], [SERVING_DISTANCE]))
+    graph.node.extend(nodes)
+    onnx.checker.check_model(model)
+    onnx.save(model, target)
+
+
+def test_an_overload_gets_503s_and_recovers(tiny_run: Path, tmp_path: Path) -> None:
+    """A queue of one request and no batching, 24 clients sending 300 pictures each at once, to a
+    model slow enough to be outrun (its answers are the tiny model's)."""
+    slower_model(tiny_run / ONNX_PATH, tmp_path / "slower.onnx")
+    images = np.load(tiny_run / "data/prepared/x_test.npy")[:50]
+    light, heavy = (
+        load_onnx_classifier(path).classify(images, 50) for path in (tiny_run / ONNX_PATH, tmp_path / "slower.onnx")
+    )
+    for light_output, heavy_output in zip(light, heavy, strict=True):
+        np.testing.assert_array_equal(light_output, heavy_output)
+    overloaded = Server(tiny_run, "--max-queue", "1", "--no-batching", "--model", str(tmp_path / "slower.onnx"))
     try:
         body, content_type = multipart({f"{i}.png": (tiny_run / "pngs/000.png").read_bytes() for i in range(300)})
         codes: list[int] = []

@@ -9,7 +9,7 @@ An ASGI app (Starlette) under uvicorn:
 - `GET /`: a page to choose or drop a photo and see the top classes as bars, with the flags and a
   link to the model card (`GET /card`, the run's metrics/model_card.md). No CDN: works offline.
 
-Batching: requests wait in a bounded queue; one worker takes up to `--max-batch` pictures, or what
+Batching: requests wait in a bounded queue; one thread takes up to `--max-batch` pictures, or what
 has arrived after `--max-wait-ms`, and classifies them in one call of the graph. A full queue
 answers 503 at once instead of growing. `--no-batching` classifies each request alone.
 
@@ -25,6 +25,8 @@ import argparse
 import asyncio
 import contextlib
 import json
+import queue
+import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -62,70 +64,88 @@ class Options:
 
 
 class Batcher:
-    """Classifies the pictures of concurrent requests together: one worker, a bounded queue."""
+    """Classifies the pictures of concurrent requests together: a bounded queue and one thread
+    that calls the model. The thread, not the event loop, takes each next batch, so the model never
+    waits for the loop to get round to it (+7 % requests/s at 32 connections: docs/benchmarks.md)."""
 
     def __init__(self, classifier: OnnxClassifier, options: Options, observe_batch: Any) -> None:
         self.classifier, self.options, self.observe_batch = classifier, options, observe_batch
-        self.queue: asyncio.Queue[tuple[np.ndarray, asyncio.Future]] = asyncio.Queue(options.max_queue)
-        self.task: asyncio.Task | None = None
+        self.queue: queue.Queue[tuple[np.ndarray, asyncio.Future] | None] = queue.Queue(options.max_queue)
+        self.thread: threading.Thread | None = None
 
     @property
     def running(self) -> bool:
-        return self.task is not None and not self.task.done()
+        return self.thread is not None and self.thread.is_alive()
 
     async def start(self) -> None:
-        self.task = asyncio.create_task(self.work())
+        loop = asyncio.get_running_loop()
+        self.thread = threading.Thread(target=self.work, args=(loop,), name="wardrobe-batcher", daemon=True)
+        self.thread.start()
 
     async def stop(self) -> None:
-        if self.task:
-            self.task.cancel()
+        if self.thread:
+            await asyncio.to_thread(self.queue.put, None)  # the thread stops when it takes this
+            await asyncio.to_thread(self.thread.join)
 
     async def classify(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         future: asyncio.Future = asyncio.get_running_loop().create_future()
         try:
             self.queue.put_nowait((pixels, future))
-        except asyncio.QueueFull:
+        except queue.Full:
             raise RequestError(503, "the service is at capacity: the queue is full; retry shortly") from None
         return await future
 
-    async def work(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            jobs = [await self.queue.get()]
-            count = len(jobs[0][0])
-            # Greedy by default: the requests that arrived while the last batch ran are the next
-            # batch, so a lone request waits for nothing and a busy server batches by itself.
-            # --max-wait-ms > 0 also waits that long for more (it only added latency here:
-            # docs/benchmarks.md, "Serving under load").
-            deadline = loop.time() + self.options.max_wait_ms / 1000
-            while self.options.batching and count < self.options.max_batch:
-                try:
-                    if self.queue.empty() and loop.time() < deadline:
-                        job = await asyncio.wait_for(self.queue.get(), deadline - loop.time())
-                    else:
-                        job = self.queue.get_nowait()
-                except (asyncio.QueueEmpty, TimeoutError):
-                    break
-                jobs.append(job)
-                count += len(job[0])
+    def next_batch(self) -> tuple[list[tuple[np.ndarray, asyncio.Future]], bool]:
+        """The jobs of the next call (blocks for the first), and whether the server is stopping.
+
+        Greedy by default: the requests that arrived while the last batch ran are the next batch,
+        so a lone request waits for nothing and a busy server batches by itself. --max-wait-ms > 0
+        also waits that long for more (it only added latency here: docs/benchmarks.md)."""
+        first = self.queue.get()
+        if first is None:
+            return [], True
+        jobs, count = [first], len(first[0])
+        deadline = time.monotonic() + self.options.max_wait_ms / 1000
+        while self.options.batching and count < self.options.max_batch:
+            try:
+                remaining = deadline - time.monotonic()
+                job = self.queue.get(timeout=remaining) if remaining > 0 else self.queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is None:
+                return jobs, True
+            jobs.append(job)
+            count += len(job[0])
+        return jobs, False
+
+    def work(self, loop: asyncio.AbstractEventLoop) -> None:
+        stopping = False
+        while not stopping:
+            jobs, stopping = self.next_batch()
+            if not jobs:
+                continue
             pixels = np.concatenate([job[0] for job in jobs])
             self.observe_batch(len(pixels))
             try:
-                # ONNX Runtime releases the GIL: the event loop keeps accepting requests meanwhile.
-                probs, distances = await loop.run_in_executor(
-                    None, self.classifier.classify, pixels, max(len(pixels), 1)
-                )
-            except Exception as exc:  # one failed call fails its requests, not the worker
-                for _, future in jobs:
-                    if not future.done():
-                        future.set_exception(exc)
-                continue
-            start = 0
-            for job, future in jobs:
-                end = start + len(job)
-                if not future.done():
-                    future.set_result((probs[start:end], distances[start:end]))
-                start = end
+                # ONNX Runtime releases the GIL: the event loop keeps serving requests meanwhile.
+                result: Any = self.classifier.classify(pixels, max(len(pixels), 1))
+            except Exception as exc:  # one failed call fails its requests, not the thread
+                result = exc
+            loop.call_soon_threadsafe(deliver, jobs, result)
+
+
+def deliver(jobs: list[tuple[np.ndarray, asyncio.Future]], result: Any) -> None:
+    """On the event loop: each job's rows of the batch's (probabilities, distances), or the error."""
+    start = 0
+    for pixels, future in jobs:
+        end = start + len(pixels)
+        if future.done():  # its client went away
+            pass
+        elif isinstance(result, Exception):
+            future.set_exception(result)
+        else:
+            future.set_result((result[0][start:end], result[1][start:end]))
+        start = end
 
 
 async def read_body(request: Any, limit: int) -> bytes:
@@ -303,7 +323,7 @@ def run(args: argparse.Namespace) -> None:
     except ImportError:
         raise WardrobeError("wardrobe serve needs the serve extra: pip install 'wardrobe[serve]'") from None
     model_path = args.model or project_file(ONNX_PATH)
-    classifier = load_onnx_classifier(model_path)
+    classifier = load_onnx_classifier(model_path, spinning=False)
     try:
         card: Path | None = project_file(MODEL_CARD)
     except WardrobeError:  # a model without its run beside it: no card to link

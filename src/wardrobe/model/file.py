@@ -370,9 +370,11 @@ class OnnxClassifier:
         return [np.concatenate([batch[k] for batch in batches]) for k in range(len(outputs))]
 
 
-def load_onnx_classifier(path: Path) -> OnnxClassifier:
+def load_onnx_classifier(path: Path, *, spinning: bool = True) -> OnnxClassifier:
     """Open an exported model with ONNX Runtime; check it maps N×height×width floats to the
-    classes its metadata records."""
+    classes its metadata records. `spinning=False` lets ONNX Runtime's threads sleep between calls
+    instead of spinning for the next one: a server's event loop needs those cycles (+14 % requests/s
+    at 32 connections on 2 cores, docs/benchmarks.md)."""
     if not path.is_file():
         raise WardrobeError(f"{path}: ONNX model not found; run `dvc repro export` (or dvc pull) first")
     try:
@@ -381,6 +383,8 @@ def load_onnx_classifier(path: Path) -> OnnxClassifier:
         raise WardrobeError(f"{path}: onnxruntime is not installed: pip install 'onnxruntime<2'") from None
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3  # errors only: its warnings would bury our one-line errors
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # ONNX Runtime raises its own types for corrupt or invalid files

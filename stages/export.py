@@ -5,12 +5,12 @@ formats, their inputs and outputs, and the parity gate."""
 from __future__ import annotations
 
 import json
-import warnings
 
 from wardrobe.common import atomic_dir, atomic_path, load_split, run_main
 from wardrobe.model.export import (
     check_float32,
     check_parity,
+    export_onnx,
     finish_onnx,
     graph_batch,
     parity,
@@ -56,9 +56,7 @@ def main() -> None:
         atomic_path(EXPORT_JSON) as json_tmp,
     ):
         model.export(str(saved_tmp / SERVING_VERSION), format="tf_saved_model", verbose=False)
-        with warnings.catch_warnings():  # Keras' tf2onnx patch trips a NumPy FutureWarning
-            warnings.simplefilter("ignore", FutureWarning)
-            model.export(str(onnx_tmp), format="onnx", verbose=False)
+        export_onnx(model, onnx_tmp)
         opset = finish_onnx(onnx_tmp, classifier.record, file_sha256(MODEL_PATH))
         candidates = {
             "saved_model": saved_model_outputs(saved_tmp / SERVING_VERSION, x_test, graph_images),

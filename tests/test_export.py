@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tests.conftest import FASHION_RECORD, REPO, run_module, sh
+from tests.conftest import FASHION_RECORD, REPO, module_env, run_module, sh
 from wardrobe.common import WardrobeError
 from wardrobe.model.file import KerasClassifier, Views, load_keras_classifier, load_model
 from wardrobe.outputs import EXPORT_JSON, MODEL_CARD, MODEL_PATH, ONNX_PATH, SAVED_MODEL_DIR
@@ -256,3 +256,47 @@ def test_the_recorded_temperature_is_inside_the_exported_graphs(tiny_run: Path) 
     x_val = np.load(tiny_run / "data/prepared/x_val.npy")
     within = np.mean(onnx_classifier.classify(x_val, 64)[1] <= record.distance_threshold)
     assert within == pytest.approx(0.95, abs=1 / len(x_val) + 1e-6)
+
+
+# A small convolutional graph with two views, the shape of the served one: tf2onnx's transpose
+# optimizer works on it, which is where its run-to-run differences came from.
+TOY_EXPORT = """
+import sys
+from pathlib import Path
+
+import wardrobe  # noqa: F401  (oneDNN as the stages have it)
+import keras
+import numpy as np
+
+from wardrobe.model.export import export_onnx
+
+keras.utils.set_random_seed(0)
+x = keras.Input((16, 16, 1), name="image")
+views = keras.ops.concatenate([x, keras.ops.flip(x, axis=2)], axis=0)
+h = keras.layers.Conv2D(8, 3, padding="same")(views)
+h = keras.layers.ReLU()(keras.layers.BatchNormalization()(h, training=False))
+h = keras.layers.Conv2D(8, 3, padding="same", activation="relu")(keras.layers.MaxPooling2D()(h))
+features = keras.layers.GlobalAveragePooling2D()(h)
+probs = keras.ops.mean(keras.ops.reshape(keras.layers.Dense(5, activation="softmax")(features), (2, -1, 5)), axis=0)
+distance = keras.ops.sum(keras.ops.square(keras.ops.reshape(features, (2, -1, 8))[0]), axis=-1)
+model = keras.Model(x, {"probabilities": probs, "distance": distance})
+model(np.zeros((1, 16, 16, 1), "float32"))
+export_onnx(model, Path(sys.argv[1]))
+"""
+
+
+@pytest.mark.pipeline  # TensorFlow in subprocesses
+def test_the_onnx_export_writes_the_same_bytes_in_every_process(tmp_path: Path) -> None:
+    """Two processes with different string hashing (as two `dvc repro` runs have) export the same
+    graph to the same bytes: tf2onnx alone did not (src/wardrobe/model/export.py, export_onnx)."""
+    script = tmp_path / "toy_export.py"
+    script.write_text(TOY_EXPORT)
+    files = []
+    for seed in ("1", "2"):
+        target = tmp_path / f"toy-{seed}.onnx"
+        command = [sys.executable, str(script), str(target)]
+        env = module_env(PYTHONHASHSEED=seed)
+        result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        files.append(target.read_bytes())
+    assert len(files[0]) > 1000 and files[0] == files[1]

@@ -20,6 +20,7 @@ the measured numbers). Otherwise the stage fails in one line and the previous ex
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import keras
@@ -89,6 +90,38 @@ def parity(
 def check_parity(name: str, stats: dict[str, float]) -> None:
     if problem := parity_problem(name, stats):
         raise WardrobeError(f"export: {problem}; nothing was exported")
+
+
+def export_onnx(model: keras.Model, path: Path) -> None:
+    """Keras' ONNX export, the same bytes on every run. tf2onnx keeps nodes in sets of Node objects,
+    which Python orders by memory address, and some of those orders become the graph's: its
+    optimizers then choose and name differently from run to run (onnx/tensorflow-onnx #1789,
+    #2006; each `dvc repro` here wrote a different model.onnx), and it lists an output's consumers
+    from a set of names, in the order of Python's per-process string hashing. Hashing each Node by
+    the order it was made in, and listing consumers by name, makes both the same every run."""
+    import itertools
+
+    from tf2onnx.graph import Graph, Node
+
+    made = itertools.count()
+    create, consumers = Node.__init__, Graph.find_output_consumers
+
+    def numbered(node: Node, *args: object, **kwargs: object) -> None:
+        node._made = next(made)
+        create(node, *args, **kwargs)
+
+    def consumers_by_name(graph: Graph, output_name: str) -> list[Node]:
+        return sorted(consumers(graph, output_name), key=lambda node: node.name)
+
+    Node.__init__, Node.__hash__ = numbered, lambda node: node._made
+    Graph.find_output_consumers = consumers_by_name
+    try:
+        with warnings.catch_warnings():  # Keras' tf2onnx patch trips a NumPy FutureWarning
+            warnings.simplefilter("ignore", FutureWarning)
+            model.export(str(path), format="onnx", verbose=False)
+    finally:
+        Node.__init__, Node.__hash__ = create, object.__hash__
+        Graph.find_output_consumers = consumers
 
 
 def finish_onnx(path: Path, record: ModelRecord, source_sha256: str) -> int:

@@ -139,12 +139,11 @@ def deliver(jobs: list[tuple[np.ndarray, asyncio.Future]], result: Any) -> None:
     start = 0
     for pixels, future in jobs:
         end = start + len(pixels)
-        if future.done():  # its client went away
-            pass
-        elif isinstance(result, Exception):
-            future.set_exception(result)
-        else:
-            future.set_result((result[0][start:end], result[1][start:end]))
+        if not future.done():  # done: its client went away
+            if isinstance(result, Exception):
+                future.set_exception(result)
+            else:
+                future.set_result((result[0][start:end], result[1][start:end]))
         start = end
 
 

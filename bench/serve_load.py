@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from bench.serve import throughput
 from wardrobe.common import load_split
 from wardrobe.model.file import load_onnx_classifier
 from wardrobe.outputs import ONNX_PATH, PREPARED_DIR
@@ -145,15 +146,6 @@ def soak(port: int, pid: int, seconds: float, script: Path) -> tuple[list[float]
     return samples, result
 
 
-def offline_rate(sample: np.ndarray, batch: int) -> float:
-    """Images/s of ONNX Runtime classifying `sample` `batch` at a time, after a warm-up call."""
-    classifier = load_onnx_classifier(ONNX_PATH)
-    classifier.classify(sample[:batch], batch)
-    start = time.perf_counter()
-    classifier.classify(sample, batch)
-    return len(sample) / (time.perf_counter() - start)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=20, help="per concurrency level (default 20)")
@@ -165,7 +157,8 @@ def main() -> None:
         raise SystemExit("bench.serve_load: needs wrk, the C load generator: apt-get install wrk")
     x_test, _ = load_split(PREPARED_DIR, "test")
     sample = np.asarray(x_test[:2000])
-    offline = {batch: offline_rate(sample, batch) for batch in (1, BATCH)}
+    classifier = load_onnx_classifier(ONNX_PATH)
+    offline = {batch: throughput(lambda x, batch=batch: classifier.classify(x, batch), sample) for batch in (1, BATCH)}
 
     rows = {}
     with tempfile.TemporaryDirectory() as scratch:
